@@ -1,0 +1,223 @@
+"""Facts: everything that can happen to a batch, as typed immutable values.
+
+Theory of operation: engines report what happened (past tense:
+``CompileSucceeded``) and hosts ask for things (``CancelRequested``); both are
+facts, and a batch changes only by handling one. Every fact carries a
+``stimulus_id`` so a journal entry, a decision and a host report can be traced
+back to the fact that caused it. Facts are pydantic models so the journal can
+write and read them as JSON without pickle, and a malformed fact from an
+engine fails at the boundary with a message that names the field.
+
+Submission ids (``job_id`` for compiles, ``execution_id`` for executions) are
+issued by the batch, not by the engine, so a fact that arrives before the
+engine's acknowledgement can still be matched to its plate.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter
+
+__all__ = [
+    "BatchStarted",
+    "CancelRequested",
+    "CancelTimedOut",
+    "CompileAccepted",
+    "CompileCancelled",
+    "CompileFailed",
+    "CompileRejected",
+    "CompileSucceeded",
+    "EngineLost",
+    "ExecutionAccepted",
+    "ExecutionCancelled",
+    "ExecutionFailed",
+    "ExecutionProgress",
+    "ExecutionRejected",
+    "ExecutionStarted",
+    "ExecutionSucceeded",
+    "Fact",
+    "HostCallbackFailed",
+    "fact_adapter",
+]
+
+_stimulus_counter = itertools.count(1)
+
+
+def _next_stimulus_id() -> str:
+    return f"s{next(_stimulus_counter)}"
+
+
+class _FactBase(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=False)
+
+    stimulus_id: str = Field(default_factory=_next_stimulus_id, min_length=1)
+
+
+# --- host commands -----------------------------------------------------------
+
+
+class BatchStarted(_FactBase):
+    """The host started the batch: every plate is selected at once."""
+
+    kind: Literal["batch_started"] = "batch_started"
+
+
+class CancelRequested(_FactBase):
+    """The host asked to cancel one plate, or the whole batch when ``plate_id`` is None."""
+
+    kind: Literal["cancel_requested"] = "cancel_requested"
+    plate_id: str | None = None
+
+
+class CancelTimedOut(_FactBase):
+    """The engine did not confirm a cancel in time: settle the plate ``cancelled``.
+
+    Sent by the service after its cancel grace period, so a silent engine
+    cannot keep a plate from converging (guarantee C7).
+    """
+
+    kind: Literal["cancel_timed_out"] = "cancel_timed_out"
+    plate_id: str
+
+
+class HostCallbackFailed(_FactBase):
+    """A host callback raised. Journaled and reported; nothing stops (C5)."""
+
+    kind: Literal["host_callback_failed"] = "host_callback_failed"
+    callback: str
+    plate_id: str | None = None
+    error: str
+
+
+# --- engine facts: compile -----------------------------------------------------
+
+
+class CompileAccepted(_FactBase):
+    kind: Literal["compile_accepted"] = "compile_accepted"
+    plate_id: str
+    job_id: str
+
+
+class CompileSucceeded(_FactBase):
+    kind: Literal["compile_succeeded"] = "compile_succeeded"
+    plate_id: str
+    job_id: str
+    artifact_id: str = Field(min_length=1)
+
+
+class CompileFailed(_FactBase):
+    kind: Literal["compile_failed"] = "compile_failed"
+    plate_id: str
+    job_id: str
+    error: str
+
+
+class CompileRejected(_FactBase):
+    """The engine refused the compile submission (never accepted it)."""
+
+    kind: Literal["compile_rejected"] = "compile_rejected"
+    plate_id: str
+    job_id: str
+    error: str
+
+
+class CompileCancelled(_FactBase):
+    kind: Literal["compile_cancelled"] = "compile_cancelled"
+    plate_id: str
+    job_id: str
+
+
+# --- engine facts: execution ---------------------------------------------------
+
+
+class ExecutionAccepted(_FactBase):
+    kind: Literal["execution_accepted"] = "execution_accepted"
+    plate_id: str
+    execution_id: str
+
+
+class ExecutionStarted(_FactBase):
+    """The engine picked the execution up (records ``started_at``)."""
+
+    kind: Literal["execution_started"] = "execution_started"
+    plate_id: str
+    execution_id: str
+
+
+class ExecutionProgress(_FactBase):
+    """A progress record: ``done`` of ``total`` steps. Never changes the state."""
+
+    kind: Literal["execution_progress"] = "execution_progress"
+    plate_id: str
+    execution_id: str
+    done: int = Field(ge=0)
+    total: int = Field(ge=1)
+    message: str = ""
+
+
+class ExecutionSucceeded(_FactBase):
+    kind: Literal["execution_succeeded"] = "execution_succeeded"
+    plate_id: str
+    execution_id: str
+    result: dict[str, JsonValue] = Field(default_factory=dict)
+
+
+class ExecutionFailed(_FactBase):
+    kind: Literal["execution_failed"] = "execution_failed"
+    plate_id: str
+    execution_id: str
+    error: str
+    exit_code: int | None = None
+
+
+class ExecutionRejected(_FactBase):
+    """The engine refused the execution submission (e.g. unknown artifact)."""
+
+    kind: Literal["execution_rejected"] = "execution_rejected"
+    plate_id: str
+    execution_id: str
+    error: str
+
+
+class ExecutionCancelled(_FactBase):
+    kind: Literal["execution_cancelled"] = "execution_cancelled"
+    plate_id: str
+    execution_id: str
+
+
+# --- engine facts: the engine itself ---------------------------------------------
+
+
+class EngineLost(_FactBase):
+    """The engine is gone (dead server, lost connection, missed heartbeats)."""
+
+    kind: Literal["engine_lost"] = "engine_lost"
+    reason: str = "engine lost"
+
+
+Fact = Annotated[
+    BatchStarted
+    | CancelRequested
+    | CancelTimedOut
+    | HostCallbackFailed
+    | CompileAccepted
+    | CompileSucceeded
+    | CompileFailed
+    | CompileRejected
+    | CompileCancelled
+    | ExecutionAccepted
+    | ExecutionStarted
+    | ExecutionProgress
+    | ExecutionSucceeded
+    | ExecutionFailed
+    | ExecutionRejected
+    | ExecutionCancelled
+    | EngineLost,
+    Field(discriminator="kind"),
+]
+"""Any fact a batch can handle; discriminated by ``kind`` on the wire and on disk."""
+
+fact_adapter: TypeAdapter[Fact] = TypeAdapter(Fact)
+"""Validates a fact from JSON or a mapping: ``fact_adapter.validate_json(raw)``."""
