@@ -71,7 +71,7 @@ class TableMachine(Generic[S, E]):
             queued=False,
             send_event=False,
         )
-        self._events = {
+        self._events: dict[E, Any] = {
             row.event: self._machine.events[row.event.value] for row in self._rows.values()
         }
 
