@@ -409,3 +409,23 @@ def test_repr_and_statistics_show_the_state() -> None:
     stats = batch.statistics()
     assert stats["plates_per_state"] == {"queued": 2}
     assert stats["facts_per_disposition"] == {"applied": 1}
+
+
+# --- pinned regressions (found by the property tests) ---------------------------------------
+
+
+@pytest.mark.parametrize("policy", list(CompileFailurePolicy))
+def test_regression_protocol_error_before_start_then_start(policy: CompileFailurePolicy) -> None:
+    """Found by the journal round-trip property: BatchStarted after a plate had
+    already failed tried to select the failed plate (InvalidTransition)."""
+    batch = make_batch(2, policy=policy)
+    feed(batch, [CompileAccepted(plate_id="p0", job_id="b.0.c")])
+    assert batch.plate_state("p0") == "failed"
+    out = feed(batch, [BatchStarted()])
+    if policy is CompileFailurePolicy.ABORT:
+        assert not any(isinstance(d, SubmitCompile) for d in out), "abort: submit nothing"
+        assert [(r.plate_id, r.reason) for r in reports(out)] == [("p1", Reason.BATCH_ABORTED)]
+        assert batch.state is BatchState.FAILED
+    else:
+        assert [d.plate_id for d in out if isinstance(d, SubmitCompile)] == ["p1"]
+        assert batch.plate_state("p1") == "queued"

@@ -7,20 +7,32 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from helpers import execution, feed, job, make_batch
+from helpers import execution, feed, job, make_batch, ticking_clock
 from plateflow import JournalError, replay
 from plateflow.core import (
     Batch,
+    BatchMode,
     BatchStarted,
     CancelRequested,
+    CancelTimedOut,
     CompileAccepted,
+    CompileCancelled,
+    CompileFailed,
+    CompileFailurePolicy,
     CompileSucceeded,
     Disposition,
     EngineLost,
+    ExecutionAccepted,
+    ExecutionCancelled,
+    ExecutionFailed,
     ExecutionProgress,
     ExecutionStarted,
     ExecutionSucceeded,
+    Fact,
+    HostCallbackFailed,
     Journal,
 )
 
@@ -169,3 +181,64 @@ def test_replay_refuses_a_journal_that_does_not_match_the_machines() -> None:
 def test_bad_journal_files_name_the_line_and_what_is_wrong(content: str, message: str) -> None:
     with pytest.raises(JournalError, match=message):
         Journal.read(io.StringIO(content), source="demo.jsonl")
+
+
+# --- any fact sequence survives the file round trip and replays to the same states ---------
+
+
+def _any_fact(n_plates: int) -> st.SearchStrategy[Fact]:
+    plate = st.sampled_from([f"p{i}" for i in range(n_plates)] + ["ghost"])
+    job_id = st.sampled_from([f"b.{i}.c" for i in range(n_plates)] + ["old.0.c"])
+    execution_id = st.sampled_from([f"b.{i}.x" for i in range(n_plates)] + ["old.0.x"])
+    text = st.text(max_size=12)
+    return st.one_of(
+        st.builds(BatchStarted),
+        st.builds(CancelRequested, plate_id=st.none() | plate),
+        st.builds(CancelTimedOut, plate_id=plate),
+        st.builds(EngineLost, reason=text),
+        st.builds(
+            HostCallbackFailed, callback=st.sampled_from(["emit_status", "emit_error"]), error=text
+        ),
+        st.builds(CompileAccepted, plate_id=plate, job_id=job_id),
+        st.builds(CompileSucceeded, plate_id=plate, job_id=job_id, artifact_id=st.just("a")),
+        st.builds(CompileFailed, plate_id=plate, job_id=job_id, error=text),
+        st.builds(CompileCancelled, plate_id=plate, job_id=job_id),
+        st.builds(ExecutionAccepted, plate_id=plate, execution_id=execution_id),
+        st.builds(
+            ExecutionProgress,
+            plate_id=plate,
+            execution_id=execution_id,
+            done=st.integers(0, 4),
+            total=st.just(4),
+        ),
+        st.builds(
+            ExecutionSucceeded,
+            plate_id=plate,
+            execution_id=execution_id,
+            result=st.dictionaries(st.text(max_size=3), st.integers() | text, max_size=2),
+        ),
+        st.builds(ExecutionFailed, plate_id=plate, execution_id=execution_id, error=text),
+        st.builds(ExecutionCancelled, plate_id=plate, execution_id=execution_id),
+    )
+
+
+@given(
+    n_plates=st.integers(1, 3),
+    mode=st.sampled_from(BatchMode),
+    policy=st.sampled_from(CompileFailurePolicy),
+    data=st.data(),
+)
+def test_any_fact_sequence_round_trips_through_json_lines_and_replays(
+    n_plates: int, mode: BatchMode, policy: CompileFailurePolicy, data: st.DataObject
+) -> None:
+    batch = Batch(
+        "b", [f"p{i}" for i in range(n_plates)], mode=mode, policy=policy, clock=ticking_clock()
+    )
+    facts = data.draw(st.lists(_any_fact(n_plates), max_size=25))
+    feed(batch, facts)
+    assert len(batch.journal) == len(facts)
+    text = io.StringIO()
+    batch.journal.write(text)
+    loaded = Journal.read(io.StringIO(text.getvalue()))
+    assert loaded.records == batch.journal.records
+    assert replay(loaded).snapshot() == batch.snapshot()

@@ -366,15 +366,24 @@ class Batch:
             plate.awaiting_compile = False
             self._awaiting_compile -= 1
         self._out.append(ReportPlate(plate.plate_id, outcome, reason, result, self._stimulus))
-        if (
-            outcome is PlateOutcome.FAILED
-            and reason in _ABORTING_REASONS
+        if outcome is PlateOutcome.FAILED and self._state is BatchState.COMPILING:
+            if self._aborts_on(reason):
+                self._abort()
+
+    def _aborts_on(self, reason: Reason | None) -> bool:
+        """Whether a plate failing for ``reason`` before execution aborts the batch."""
+        return (
+            reason in _ABORTING_REASONS
             and self.mode is BatchMode.RUN
             and self.policy is CompileFailurePolicy.ABORT
-            and self._state is BatchState.COMPILING
             and not self._aborted
-        ):
-            self._abort()
+        )
+
+    def _failed_before_start(self) -> Reason | None:
+        for plate in self._plates.values():
+            if plate.outcome is PlateOutcome.FAILED and plate.reason in _ABORTING_REASONS:
+                return plate.reason
+        return None
 
     def _abort(self) -> None:
         """A plate failed before execution under the abort policy: execute nothing."""
@@ -521,8 +530,13 @@ class Batch:
         if self._state is not BatchState.IDLE:
             raise self._duplicate("the batch already started")
         self._move_batch(BatchEvent.START)
+        if self._aborts_on(self._failed_before_start()):
+            self._abort()  # a plate failed before the start: execute nothing, submit nothing
+            return "started, then aborted"
         prefix = self.batch_id
         for plate in self._plates.values():
+            if plate.outcome is not None:
+                continue  # settled before the start (an engine protocol error, a cancel)
             self._move(plate, PlateEvent.SELECTED)
             plate.job_id = f"{prefix}.{plate.index}.c"
             self._out.append(SubmitCompile(plate.plate_id, plate.job_id, self._stimulus))
