@@ -105,6 +105,7 @@ _ABORTING_REASONS: Final = frozenset(
     {Reason.COMPILE_FAILED, Reason.COMPILE_REJECTED, Reason.ENGINE_PROTOCOL_ERROR}
 )
 _SUCCESS: Final = frozenset({PlateOutcome.COMPLETED, PlateOutcome.COMPILED})
+_SETTLED_NOTE: Final = {reason: f"settled: {reason.value}" for reason in Reason}
 
 
 class _Dropped(Exception):
@@ -281,6 +282,9 @@ class Batch:
             )
             return tuple(self._out)
         finally:
+            # Drop the scratch lists so a barrier's N decisions are not kept alive.
+            self._out = []
+            self._changes = []
             self._handling = False
 
     def snapshot(self) -> BatchSnapshot:
@@ -357,7 +361,7 @@ class Batch:
         if event is not None:
             plate.state = self._plate_machine.converge(plate.plate_id, old, event, self._stimulus)
             self._out.append(PlateChanged(plate.plate_id, old, plate.state, self._stimulus))
-        self._changes.append(Change(plate.plate_id, old, plate.state, f"settled: {reason.value}"))
+        self._changes.append(Change(plate.plate_id, old, plate.state, _SETTLED_NOTE[reason]))
         plate.outcome = outcome
         plate.reason = reason
         plate.result = result
@@ -366,9 +370,9 @@ class Batch:
             plate.awaiting_compile = False
             self._awaiting_compile -= 1
         self._out.append(ReportPlate(plate.plate_id, outcome, reason, result, self._stimulus))
-        if outcome is PlateOutcome.FAILED and self._state is BatchState.COMPILING:
-            if self._aborts_on(reason):
-                self._abort()
+        failed_before_execution = self._state is BatchState.COMPILING
+        if outcome is PlateOutcome.FAILED and failed_before_execution and self._aborts_on(reason):
+            self._abort()
 
     def _aborts_on(self, reason: Reason | None) -> bool:
         """Whether a plate failing for ``reason`` before execution aborts the batch."""

@@ -18,7 +18,8 @@ from __future__ import annotations
 import itertools
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter
+from pydantic import ConfigDict, Field, JsonValue, TypeAdapter
+from pydantic.dataclasses import dataclass
 
 __all__ = [
     "BatchStarted",
@@ -49,21 +50,27 @@ def _next_stimulus_id() -> str:
     return f"s{next(_stimulus_counter)}"
 
 
-class _FactBase(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=False)
+# Facts are pydantic dataclasses: validated on construction like models, but
+# slotted, so the journal that keeps every fact costs a fraction of the memory.
+_CONFIG = ConfigDict(extra="forbid")
 
+
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
+class _FactBase:
     stimulus_id: str = Field(default_factory=_next_stimulus_id, min_length=1)
 
 
 # --- host commands -----------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class BatchStarted(_FactBase):
     """The host started the batch: every plate is selected at once."""
 
     kind: Literal["batch_started"] = "batch_started"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class CancelRequested(_FactBase):
     """The host asked to cancel one plate, or the whole batch when ``plate_id`` is None."""
 
@@ -71,6 +78,7 @@ class CancelRequested(_FactBase):
     plate_id: str | None = None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class CancelTimedOut(_FactBase):
     """The engine did not confirm a cancel in time: settle the plate ``cancelled``.
 
@@ -82,6 +90,7 @@ class CancelTimedOut(_FactBase):
     plate_id: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class HostCallbackFailed(_FactBase):
     """A host callback raised. Journaled and reported; nothing stops (C5)."""
 
@@ -94,12 +103,14 @@ class HostCallbackFailed(_FactBase):
 # --- engine facts: compile -----------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class CompileAccepted(_FactBase):
     kind: Literal["compile_accepted"] = "compile_accepted"
     plate_id: str
     job_id: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class CompileSucceeded(_FactBase):
     kind: Literal["compile_succeeded"] = "compile_succeeded"
     plate_id: str
@@ -107,6 +118,7 @@ class CompileSucceeded(_FactBase):
     artifact_id: str = Field(min_length=1)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class CompileFailed(_FactBase):
     kind: Literal["compile_failed"] = "compile_failed"
     plate_id: str
@@ -114,6 +126,7 @@ class CompileFailed(_FactBase):
     error: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class CompileRejected(_FactBase):
     """The engine refused the compile submission (never accepted it)."""
 
@@ -123,6 +136,7 @@ class CompileRejected(_FactBase):
     error: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class CompileCancelled(_FactBase):
     kind: Literal["compile_cancelled"] = "compile_cancelled"
     plate_id: str
@@ -132,12 +146,14 @@ class CompileCancelled(_FactBase):
 # --- engine facts: execution ---------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class ExecutionAccepted(_FactBase):
     kind: Literal["execution_accepted"] = "execution_accepted"
     plate_id: str
     execution_id: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class ExecutionStarted(_FactBase):
     """The engine picked the execution up (records ``started_at``)."""
 
@@ -146,6 +162,7 @@ class ExecutionStarted(_FactBase):
     execution_id: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class ExecutionProgress(_FactBase):
     """A progress record: ``done`` of ``total`` steps. Never changes the state."""
 
@@ -157,6 +174,7 @@ class ExecutionProgress(_FactBase):
     message: str = ""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class ExecutionSucceeded(_FactBase):
     kind: Literal["execution_succeeded"] = "execution_succeeded"
     plate_id: str
@@ -164,6 +182,7 @@ class ExecutionSucceeded(_FactBase):
     result: dict[str, JsonValue] = Field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class ExecutionFailed(_FactBase):
     kind: Literal["execution_failed"] = "execution_failed"
     plate_id: str
@@ -172,6 +191,7 @@ class ExecutionFailed(_FactBase):
     exit_code: int | None = None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class ExecutionRejected(_FactBase):
     """The engine refused the execution submission (e.g. unknown artifact)."""
 
@@ -181,6 +201,7 @@ class ExecutionRejected(_FactBase):
     error: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class ExecutionCancelled(_FactBase):
     kind: Literal["execution_cancelled"] = "execution_cancelled"
     plate_id: str
@@ -190,6 +211,7 @@ class ExecutionCancelled(_FactBase):
 # --- engine facts: the engine itself ---------------------------------------------
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class EngineLost(_FactBase):
     """The engine is gone (dead server, lost connection, missed heartbeats)."""
 
@@ -220,4 +242,5 @@ Fact = Annotated[
 """Any fact a batch can handle; discriminated by ``kind`` on the wire and on disk."""
 
 fact_adapter: TypeAdapter[Fact] = TypeAdapter(Fact)
-"""Validates a fact from JSON or a mapping: ``fact_adapter.validate_json(raw)``."""
+"""Validates a fact from JSON or a mapping (``fact_adapter.validate_json(raw)``)
+and dumps one back (``fact_adapter.dump_python(fact, mode="json")``)."""

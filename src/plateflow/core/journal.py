@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from pydantic import ValidationError
 
@@ -50,8 +50,7 @@ class Disposition(StrEnum):
     REJECTED = "rejected"
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
+class Change(NamedTuple):
     """One state change a fact caused. ``plate_id`` None means the batch itself."""
 
     plate_id: str | None
@@ -60,8 +59,12 @@ class Change:
     note: str
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
+    """One fact the batch handled, what it did with it, and every change it caused.
+
+    Records are named tuples: immutable, and cheap enough to append one per fact.
+    """
+
     seq: int
     time: float
     fact: Fact
@@ -177,7 +180,7 @@ def _record_to_json(record: Record) -> dict[str, Any]:
         "time": record.time,
         "disposition": record.disposition.value,
         "detail": record.detail,
-        "fact": record.fact.model_dump(mode="json"),
+        "fact": fact_adapter.dump_python(record.fact, mode="json"),
         "changes": [[c.plate_id, c.old.value, c.new.value, c.note] for c in record.changes],
     }
 

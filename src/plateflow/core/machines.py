@@ -52,20 +52,23 @@ class TableMachine(Generic[S, E]):
         self._event: str = ""
         self._converging: str | None = None
         self._moving = False
+        # transitions is given the plain string values: its State objects then
+        # answer ``name`` without going through the enum on every trigger.
+        self._by_value: dict[str, S] = {s.value: s for s in states}
         machine_rows = [
             {
                 "trigger": row.event.value,
-                "source": row.source,
-                "dest": row.dest,
+                "source": row.source.value,
+                "dest": None if row.dest is None else row.dest.value,
                 "conditions": [self._guard] if row.convergence else [],
             }
             for row in self._rows.values()
         ]
         self._machine = Machine(
             model=self._cursor,
-            states=list(states),
+            states=list(self._by_value),
             transitions=machine_rows,
-            initial=initial,
+            initial=initial.value,
             auto_transitions=False,
             ignore_invalid_triggers=False,
             queued=False,
@@ -94,10 +97,10 @@ class TableMachine(Generic[S, E]):
         self._moving = True
         self._subject = subject
         self._event = event
-        self._cursor.state = state
+        self._cursor.state = state.value
         try:
             self._events[event].trigger(self._cursor)
-            new_state: S = self._cursor.state
+            new_state = self._by_value[self._cursor.state]
         finally:
             self._moving = False
             self._subject = None
