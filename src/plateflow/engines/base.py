@@ -1,0 +1,88 @@
+"""The engine interface: what the service needs from anything that runs plates.
+
+Theory of operation: an engine accepts submissions and *pushes facts* back
+through a sink it is given at start. The service calls the engine's methods
+from its own event loop; the engine may push from any thread (a socket
+reader, a process watcher), and the sink is safe to call from anywhere: it
+only posts the fact into the service's loop (guarantee C6). Submissions are
+named by ids the batch issued, so the engine never invents identities; an
+engine that cannot take a submission pushes a ``*Rejected`` fact rather than
+raising, and raises only when it is itself unusable.
+
+Engines never import the service; the service never imports a concrete
+engine. Third-party exceptions are translated at this boundary into
+``EngineError`` with the original chained.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import JsonValue
+
+from plateflow.core.facts import Fact
+from plateflow.errors import PlateflowError
+from plateflow.jobs import CompileJob
+
+__all__ = ["Engine", "EngineError", "FactSink", "Submission"]
+
+FactSink = Callable[[Fact], None]
+"""Where an engine pushes facts. Thread-safe; never blocks; never raises."""
+
+
+class EngineError(PlateflowError):
+    """The engine cannot be used at all (it failed to start, its server is gone)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """One submission the batch made: a compile job or an execution."""
+
+    plate_id: str
+    phase: Literal["compile", "execute"]
+    submission_id: str
+
+
+class Engine(ABC):
+    """Runs compile jobs and executions, and reports what happened as facts."""
+
+    name: str = "engine"
+
+    @abstractmethod
+    async def start(self, sink: FactSink) -> None:
+        """Connect (or start workers) and remember where to push facts."""
+
+    @abstractmethod
+    async def submit_compile(self, job_id: str, job: CompileJob) -> None:
+        """Take a compile job; push CompileAccepted then CompileSucceeded/Failed (or Rejected)."""
+
+    @abstractmethod
+    async def submit_execution(self, execution_id: str, job: CompileJob, artifact_id: str) -> None:
+        """Execute a compiled plate; push Accepted, Started, Progress…, then a terminal fact."""
+
+    @abstractmethod
+    async def cancel(self, submission: Submission) -> None:
+        """Stop one submission; push its *Cancelled fact when it has stopped.
+
+        Cancelling something already finished is not an error: the engine
+        pushes nothing (the terminal fact it already pushed wins).
+        """
+
+    @abstractmethod
+    async def status(self, submissions: Sequence[Submission]) -> list[Fact]:
+        """Reconcile: facts describing where each submission is now, in one query.
+
+        Used by the one status poller as a safety net for lost pushes; a fact
+        the batch already has is simply ignored as a duplicate or stale.
+        """
+
+    @abstractmethod
+    async def server_info(self) -> dict[str, JsonValue]:
+        """A snapshot of the engine: workers, running and queued submissions."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stop everything this engine started. Idempotent."""

@@ -1,0 +1,26 @@
+"""Pipelines: step specs, compile (resolve, validate, fingerprint) and execute."""
+
+from plateflow.pipeline.run import (
+    DEFAULT_ALLOWED_MODULES,
+    CompiledPipeline,
+    PipelineError,
+    StepCancelled,
+    StepContext,
+    compile_pipeline,
+    execute_pipeline,
+    fingerprint,
+)
+from plateflow.pipeline.spec import PipelineSpec, StepSpec
+
+__all__ = [
+    "DEFAULT_ALLOWED_MODULES",
+    "CompiledPipeline",
+    "PipelineError",
+    "PipelineSpec",
+    "StepCancelled",
+    "StepContext",
+    "StepSpec",
+    "compile_pipeline",
+    "execute_pipeline",
+    "fingerprint",
+]
