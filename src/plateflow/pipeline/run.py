@@ -32,10 +32,12 @@ from plateflow.pipeline.spec import PipelineSpec, StepSpec
 
 __all__ = [
     "DEFAULT_ALLOWED_MODULES",
+    "STEP_UNITS",
     "CompiledPipeline",
     "PipelineError",
     "StepCancelled",
     "StepContext",
+    "StepFailed",
     "compile_pipeline",
     "execute_pipeline",
     "fingerprint",
@@ -124,8 +126,16 @@ def _resolve(index: int, step: StepSpec, allowed_modules: Collection[str]) -> Ca
     except ImportError as exc:
         raise PipelineError(f"{where}: cannot import {module_name!r}: {exc}") from exc
     function = getattr(module, function_name, None)
-    if function is None or not callable(function) or function_name.startswith("_"):
-        raise PipelineError(f"{where}: {module_name!r} has no public function {function_name!r}")
+    # Only plain functions defined in the allowed module itself: never a class, and
+    # never something the module merely imported (``from shutil import rmtree``).
+    if (
+        function_name.startswith("_")
+        or not inspect.isfunction(function)
+        or function.__module__ != module_name
+    ):
+        raise PipelineError(
+            f"{where}: {module_name!r} defines no public step function {function_name!r}"
+        )
     try:
         signature = inspect.signature(function)
         signature.bind(None, None, **step.params)
@@ -153,30 +163,74 @@ def compile_pipeline(
     return CompiledPipeline(spec=spec, fingerprint=fingerprint(spec), functions=functions)
 
 
+STEP_UNITS = 100
+"""Progress units per step: a pipeline of n steps reports ``done`` out of ``n * 100``."""
+
+
+class StepFailed(Exception):
+    """A step raised; the message names the step. The original is chained."""
+
+
 def execute_pipeline(compiled: CompiledPipeline, ctx: StepContext) -> dict[str, JsonValue]:
     """Run the steps in order and return the last step's mapping (the result).
 
-    Progress is reported after each step as ``(steps done, steps)``; a step
-    may report finer progress itself. Raises :class:`StepCancelled` when the
-    execution was cancelled between or inside steps.
+    Progress is reported as one monotone figure for the whole pipeline: each
+    step is worth :data:`STEP_UNITS`, and a step's own ``ctx.progress(done,
+    total)`` is scaled into its share. Raises :class:`StepCancelled` when the
+    execution was cancelled, :class:`StepFailed` naming the step when one raised.
     """
     data: Any = ctx.plate_path
-    total = len(compiled.functions)
-    for index, (step, function) in enumerate(
-        zip(compiled.spec.steps, compiled.functions, strict=True)
-    ):
+    steps = compiled.spec.steps
+    total = len(steps) * STEP_UNITS
+    for index, (step, function) in enumerate(zip(steps, compiled.functions, strict=True)):
         ctx.check_cancelled()
-        data = function(data, ctx, **step.params)
-        ctx.progress(index + 1, total, step.function)
+        base = index * STEP_UNITS
+        step_ctx = StepContext(
+            plate_id=ctx.plate_id,
+            plate_path=ctx.plate_path,
+            output_dir=ctx.output_dir,
+            _report=_scaled(ctx, base, total),
+            _is_cancelled=ctx._is_cancelled,
+        )
+        try:
+            data = function(data, step_ctx, **step.params)
+        except StepCancelled:
+            raise
+        except Exception as exc:
+            raise StepFailed(
+                f"step {index + 1} ({step.function}) raised {type(exc).__name__}: {exc}"
+            ) from exc
+        ctx.progress(base + STEP_UNITS, total, step.function)
+    last = steps[-1].function
     if not isinstance(data, Mapping):
         raise PipelineError(
-            f"the last step ({compiled.spec.steps[-1].function}) returned "
-            f"{type(data).__name__}; it must return a JSON mapping (the execution's result)"
+            f"the last step ({last}) returned {type(data).__name__}; it must return a "
+            "JSON mapping (the execution's result)"
         )
     try:
-        return _RESULT.validate_python(dict(data))
+        result = _RESULT.validate_python(dict(data))
+        json.dumps(result, allow_nan=False)
     except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"])
         raise PipelineError(
-            f"the last step ({compiled.spec.steps[-1].function}) returned a result that is "
-            f"not JSON: {exc.errors()[0]['msg']}"
+            f"the last step ({last}) returned a result that is not JSON at {where}: {error['msg']}"
         ) from exc
+    except ValueError as exc:
+        raise PipelineError(
+            f"the last step ({last}) returned a result that is not JSON: {exc}"
+        ) from exc
+    return result
+
+
+def _scaled(ctx: StepContext, base: int, total: int) -> Callable[[int, int, str], None]:
+    high = base
+
+    def report(done: int, step_total: int, message: str) -> None:
+        nonlocal high
+        units = done * STEP_UNITS // step_total if step_total > 0 else 0
+        # Within the step's share, never reaching the next step's, and never backwards.
+        high = max(high, base + min(max(units, 0), STEP_UNITS - 1))
+        ctx.progress(high, total, message)
+
+    return report
