@@ -1,0 +1,77 @@
+"""Step functions the engine tests run in real worker processes.
+
+Every step that waits does so with a bound (``timeout``), so a worker the test
+forgot can never outlive the test run by long. Steps that wait report
+``pid=<pid>`` as a progress message first, so a test knows which process to
+signal and that the step is running.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from pydantic import JsonValue
+
+from plateflow.pipeline.run import StepContext
+
+_TICK = 0.01  # how often a waiting step looks at its condition
+
+
+def _announce(ctx: StepContext) -> None:
+    ctx.progress(0, 1, f"pid={os.getpid()}")
+
+
+def load(data: object, ctx: StepContext) -> dict[str, JsonValue]:
+    return {"plate": ctx.plate_id, "path": str(data)}
+
+
+def count(data: object, ctx: StepContext, n: int = 3) -> object:
+    for i in range(1, n + 1):
+        ctx.progress(i, n, f"item {i}")
+    return data
+
+
+def finish(data: object, ctx: StepContext) -> dict[str, JsonValue]:
+    return {"plate": ctx.plate_id, "ok": True}
+
+
+def explode(data: object, ctx: StepContext, message: str = "boom") -> object:
+    raise ValueError(message)
+
+
+def crash(data: object, ctx: StepContext, code: int = 3) -> object:
+    os._exit(code)
+
+
+def wait_for_cancel(data: object, ctx: StepContext, timeout: float = 30.0) -> object:
+    """Run until cancelled (raises StepCancelled via check_cancelled)."""
+    _announce(ctx)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ctx.check_cancelled()
+        time.sleep(_TICK)
+    raise TimeoutError("wait_for_cancel was never cancelled")
+
+
+def wait_for_file(data: object, ctx: StepContext, path: str, timeout: float = 30.0) -> object:
+    """Run until ``path`` exists: the test's gate for 'still running'."""
+    _announce(ctx)
+    deadline = time.monotonic() + timeout
+    while not Path(path).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(_TICK)
+    return data
+
+
+def stubborn(data: object, ctx: StepContext, timeout: float = 30.0) -> object:
+    """Ignore cancellation and SIGTERM: only SIGKILL stops it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _announce(ctx)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(_TICK)
+    return data
