@@ -1,0 +1,552 @@
+"""BatchWorkflowService: runs the core on one event loop, talks to engine and host.
+
+Theory of operation: the service owns nothing but plumbing. Every fact —
+from the engine's sink (any thread), from a host's ``cancel`` (any thread),
+from a timer or a failed callback — is posted into the service's asyncio
+loop and handed to the batch there, one at a time (C6). The batch answers
+with decisions; the service carries them out in order: engine calls become
+tasks on the loop, host callbacks and store writes go through the host's
+dispatcher (C4: after the batch committed and journaled the change). A host
+callback that raises is caught where it ran and posted back as a
+``HostCallbackFailed`` fact, never handled re-entrantly (C5).
+
+Bounded waits (C7): a cancel the engine does not confirm within
+``cancel_grace`` seconds is settled by a ``CancelTimedOut`` fact; an engine
+whose submit calls fail with ``EngineError`` is treated as lost; the one
+status poller reconciles lost pushes. The seed's flows, step by step, are
+in :meth:`compile_plates` and :meth:`run_plates`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal, TypeVar, final
+
+from pydantic import JsonValue
+
+from plateflow.core import (
+    Batch,
+    BatchChanged,
+    BatchMode,
+    BatchStarted,
+    BatchSummary,
+    CancelRequested,
+    CancelSubmission,
+    CancelTimedOut,
+    CompileFailurePolicy,
+    CompileRejected,
+    Decision,
+    EngineLost,
+    ExecutionRejected,
+    Fact,
+    HostCallbackFailed,
+    PlateChanged,
+    PlateOutcome,
+    PlateState,
+    ProgressRecorded,
+    ReportBatch,
+    ReportError,
+    ReportPlate,
+    SubmitCompile,
+    SubmitExecution,
+)
+from plateflow.engines.base import Engine, EngineError, Submission
+from plateflow.errors import UsageError
+from plateflow.host import HOST_CALLBACKS, BatchHost
+from plateflow.jobs import CompileJob
+from plateflow.pipeline.spec import PipelineSpec
+from plateflow.runtime.dispatch import Dispatcher, inline_dispatcher
+from plateflow.runtime.progress import CoalescingProgressEmitter, ProgressProjection
+from plateflow.runtime.status_poller import ExecutionStatusPoller
+from plateflow.runtime.submit_wait import BatchSubmitWaitEngine, JobCancelled
+
+__all__ = ["BatchWorkflowService", "Plate", "SyncBatchWorkflowService"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Plate:
+    """A selected plate: its id, where its data is, and optionally its own pipeline."""
+
+    plate_id: str
+    path: str
+    pipeline: PipelineSpec | None = None
+
+
+def _check_host(host: object) -> BatchHost:
+    if isinstance(host, BatchHost):
+        return host
+    missing = [name for name in HOST_CALLBACKS if not callable(getattr(host, name, None))]
+    lacks = f"; it also lacks {', '.join(missing)}" if missing else ""
+    raise TypeError(
+        f"host must be an instance of a plateflow.BatchHost subclass, got "
+        f"{type(host).__module__}.{type(host).__qualname__}{lacks}. The contract is "
+        "nominal: subclass BatchHost (or BaseBatchHost, which has every callback as a no-op)"
+    )
+
+
+@final
+class BatchWorkflowService:
+    """Compile-only and run batches for one host on one engine, one batch at a time.
+
+    Create it inside a running asyncio loop (or use
+    :class:`SyncBatchWorkflowService` from plain threads). ``dispatcher``
+    decides where host callbacks run; the default runs them on the loop.
+    """
+
+    def __init__(
+        self,
+        host: BatchHost,
+        engine: Engine,
+        *,
+        dispatcher: Dispatcher = inline_dispatcher,
+        policy: CompileFailurePolicy = CompileFailurePolicy.ABORT,
+        cancel_grace: float = 10.0,
+        status_interval: float = 1.0,
+        progress_interval: float = 0.1,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._host = _check_host(host)
+        if not isinstance(engine, Engine):
+            raise TypeError(f"engine must be a plateflow Engine, got {type(engine).__qualname__}")
+        self._engine = engine
+        self._dispatcher = dispatcher
+        self.policy = CompileFailurePolicy(policy)
+        self._cancel_grace = cancel_grace
+        self._progress_interval = progress_interval
+        self._clock = clock
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._engine_started = False
+        self._batch: Batch | None = None
+        self._jobs: dict[str, CompileJob] = {}
+        self._settled: asyncio.Event | None = None
+        self._summary: BatchSummary | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._closed = False
+        self._projection: ProgressProjection | None = None
+        self._emitter: CoalescingProgressEmitter | None = None
+        self._poller = ExecutionStatusPoller(
+            query=self._engine.status,
+            sink=self.post,
+            interval=status_interval,
+            timeout=max(status_interval, 1.0) * 5,
+        )
+        self._phases: dict[str, tuple[BatchSubmitWaitEngine[tuple[str, str]], tuple[str, str]]] = {}
+
+    # --- public API ------------------------------------------------------------------
+
+    @property
+    def batch(self) -> Batch | None:
+        """The current (or last) batch: its state, snapshot and journal."""
+        return self._batch
+
+    async def compile_plates(
+        self,
+        plates: Sequence[Plate],
+        *,
+        pipeline: PipelineSpec,
+        config: dict[str, JsonValue] | None = None,
+    ) -> BatchSummary:
+        """Compile every plate; plates rest in ``compiled``. Returns the batch summary."""
+        return await self._run_batch(plates, pipeline, config or {}, BatchMode.COMPILE_ONLY)
+
+    async def run_plates(
+        self,
+        plates: Sequence[Plate],
+        *,
+        pipeline: PipelineSpec,
+        config: dict[str, JsonValue] | None = None,
+    ) -> BatchSummary:
+        """Compile every plate, then execute every plate that compiled."""
+        return await self._run_batch(plates, pipeline, config or {}, BatchMode.RUN)
+
+    def cancel(self, plate_id: str | None = None) -> None:
+        """Cancel one plate, or the whole batch. Safe to call from any thread."""
+        if plate_id is not None and self._batch is not None and plate_id not in self._jobs:
+            raise UsageError(f"cannot cancel {plate_id!r}: it is not in the current batch")
+        self.post(CancelRequested(plate_id=plate_id))
+
+    def post(self, fact: Fact) -> None:
+        """Hand a fact to the batch from any thread (the engines' sink)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(self._handle, fact)
+        except RuntimeError:  # the loop closed between the check and the call
+            return
+
+    async def close(self) -> None:
+        """Cancel a running batch (waiting up to the cancel grace), then close the engine."""
+        if self._closed:
+            return
+        self._closed = True
+        batch, settled = self._batch, self._settled
+        if batch is not None and settled is not None and not batch.settled:
+            self._handle(CancelRequested())
+            try:
+                await asyncio.wait_for(settled.wait(), self._cancel_grace + 1.0)
+            except TimeoutError:
+                self._handle(EngineLost(reason="service closed before the engine confirmed"))
+        await self._poller.stop()
+        for timer in self._timers.values():
+            timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._engine_started:
+            await self._engine.close()
+
+    # --- the seed's flows ----------------------------------------------------------------
+
+    async def _run_batch(
+        self,
+        plates: Sequence[Plate],
+        pipeline: PipelineSpec,
+        config: dict[str, JsonValue],
+        mode: BatchMode,
+    ) -> BatchSummary:
+        if self._closed:
+            raise UsageError("the service is closed")
+        if self._batch is not None and not self._batch.settled:
+            raise UsageError(
+                f"batch {self._batch.batch_id} is still {self._batch.state.value}; "
+                "wait for it or cancel it before starting another"
+            )
+        self._loop = asyncio.get_running_loop()
+        if not self._engine_started:
+            await self._engine.start(self.post)
+            self._engine_started = True
+        # Build a CompileJob for every selected plate (the seed's step 2 / 3).
+        jobs = {
+            p.plate_id: CompileJob(
+                plate_id=p.plate_id,
+                plate_path=p.path,
+                pipeline=p.pipeline or pipeline,
+                config=config,
+            )
+            for p in plates
+        }
+        if len(jobs) != len(plates):
+            raise UsageError("a plate was selected twice; plate ids must be unique in a batch")
+        batch = Batch(
+            uuid.uuid4().hex[:12],
+            list(jobs),
+            mode=mode,
+            policy=self.policy,
+            clock=self._clock,
+        )
+        self._batch, self._jobs, self._summary = batch, jobs, None
+        self._settled = asyncio.Event()
+        # Reset progress and execution state; mark every plate queued at once.
+        self._projection = ProgressProjection(list(jobs), mode=mode, clock=self._clock)
+        self._emitter = CoalescingProgressEmitter(
+            self._projection,
+            lambda snap: self._to_host(
+                "emit_progress_updated", snap, store=partial(self._store_progress, snap)
+            ),
+            interval=self._progress_interval,
+        )
+        self._phases = {}
+        selected = list(jobs)
+        self._to_host(
+            "emit_progress_started", len(selected), store=partial(self._reset_stores, selected)
+        )
+        self._handle(BatchStarted())
+        await self._settled.wait()
+        assert self._summary is not None  # set with the event
+        return self._summary
+
+    # --- facts in, decisions out -------------------------------------------------------------
+
+    def _handle(self, fact: Fact) -> None:
+        """Runs on the loop only: one fact into the batch, then its decisions out."""
+        batch = self._batch
+        if batch is None:
+            return
+        submissions: list[SubmitCompile | SubmitExecution] = []
+        for decision in batch.handle(fact):
+            if isinstance(decision, SubmitCompile | SubmitExecution):
+                submissions.append(decision)
+            else:
+                self._carry_out(decision)
+        if submissions:
+            self._submit_all(submissions)
+
+    def _carry_out(self, d: Decision) -> None:
+        if isinstance(d, CancelSubmission):
+            self._spawn(self._cancel(Submission(d.plate_id, d.phase, d.submission_id)))
+            self._arm_cancel_timer(d.plate_id)
+        elif isinstance(d, PlateChanged):
+            if d.new is PlateState.COMPILED:
+                self._job_done(d.plate_id, "compiled")
+            if self._emitter is not None:
+                self._emitter.apply(d)
+            self._to_host(
+                "emit_orchestrator_state",
+                d.plate_id,
+                d.new,
+                store=partial(self._store_state, d.plate_id, d.new),
+            )
+        elif isinstance(d, BatchChanged):
+            self._to_host("update_button_states", d.new)
+            self._to_host("emit_status", f"batch {self._batch_id()}: {d.new.value}")
+        elif isinstance(d, ProgressRecorded):
+            if self._emitter is not None:
+                self._emitter.apply(d)
+        elif isinstance(d, ReportPlate):
+            self._job_done(d.plate_id, d.outcome.value)
+            timer = self._timers.pop(d.plate_id, None)
+            if timer is not None:
+                timer.cancel()
+            if d.outcome is PlateOutcome.COMPILED:
+                self._to_host(
+                    "update_item_list", store=partial(self._store_compiled, d.plate_id, d.result)
+                )
+            self._to_host("on_plate_completed", d.plate_id, d.outcome, d.result)
+        elif isinstance(d, ReportBatch):
+            self._finish(d.summary)
+        elif isinstance(d, ReportError):
+            self._to_host("emit_error", d.message, code=str(d.code), plate_id=d.plate_id)
+
+    def _finish(self, summary: BatchSummary) -> None:
+        final = None
+        if self._emitter is not None and self._projection is not None:
+            self._emitter.close()
+            final = self._projection.snapshot()
+        self._to_host("update_item_list")
+        self._to_host("on_all_plates_completed", summary)
+        self._to_host("emit_execution_complete", summary)
+        if final is not None:
+            self._to_host(
+                "emit_progress_finished", final, store=partial(self._store_progress, final)
+            )
+        self._summary = summary
+        if self._settled is not None:
+            self._settled.set()
+
+    # --- engine side -------------------------------------------------------------------------
+
+    def _submit_all(self, decisions: list[SubmitCompile | SubmitExecution]) -> None:
+        """Submit every job of a phase, then wait for all of them (the seed's step 3/4).
+
+        The batch decides what is submitted and when a phase is over; the
+        submit/wait engine carries the submissions out concurrently and
+        resolves each job when the batch reports the plate compiled or settled.
+        """
+        by_key: dict[tuple[str, str], SubmitCompile | SubmitExecution] = {}
+        for d in decisions:
+            if isinstance(d, SubmitCompile):
+                key, submission = (
+                    (d.plate_id, d.job_id),
+                    Submission(d.plate_id, "compile", d.job_id),
+                )
+            else:
+                key = (d.plate_id, d.execution_id)
+                submission = Submission(d.plate_id, "execute", d.execution_id)
+                self._to_host(
+                    "update_item_list",
+                    store=partial(self._store_execution, d.plate_id, d.execution_id, d.artifact_id),
+                )
+            by_key[key] = d
+            self._poller.track(submission)
+
+        async def submit(key: tuple[str, str]) -> None:
+            d = by_key[key]
+            job = self._jobs[d.plate_id]
+            if isinstance(d, SubmitCompile):
+                await self._engine.submit_compile(d.job_id, job)
+            else:
+                await self._engine.submit_execution(d.execution_id, job, d.artifact_id)
+
+        async def cancel(key: tuple[str, str]) -> None:
+            d = by_key[key]
+            phase: Literal["compile", "execute"] = (
+                "compile" if isinstance(d, SubmitCompile) else "execute"
+            )
+            await self._cancel(Submission(d.plate_id, phase, key[1]))
+
+        def refused(key: tuple[str, str], error: BaseException) -> None:
+            if not isinstance(error, JobCancelled):  # a submit call raised
+                self.post(self._refusal(by_key[key], error))
+
+        phase = BatchSubmitWaitEngine(submit, cancel, fail_fast=False, on_error=refused)
+        for key in by_key:
+            self._phases[key[0]] = (phase, key)
+        self._spawn(self._wait_phase(phase, list(by_key)))
+
+    async def _wait_phase(
+        self, phase: BatchSubmitWaitEngine[tuple[str, str]], keys: list[tuple[str, str]]
+    ) -> None:
+        await phase.run(keys)
+
+    def _job_done(self, plate_id: str, how: str) -> None:
+        entry = self._phases.pop(plate_id, None)
+        if entry is not None:
+            phase, key = entry
+            phase.complete(key, how)
+            self._poller.untrack(key[1])
+
+    def _refusal(self, d: SubmitCompile | SubmitExecution, error: BaseException) -> Fact:
+        if isinstance(error, EngineError):
+            return EngineLost(reason=f"{self._engine.name}: {error}")
+        message = f"{type(error).__name__}: {error}"
+        if isinstance(d, SubmitCompile):
+            return CompileRejected(plate_id=d.plate_id, job_id=d.job_id, error=message)
+        return ExecutionRejected(plate_id=d.plate_id, execution_id=d.execution_id, error=message)
+
+    async def _cancel(self, submission: Submission) -> None:
+        try:
+            await self._engine.cancel(submission)
+        except EngineError as exc:
+            self.post(EngineLost(reason=f"{self._engine.name}: {exc}"))
+        except Exception as exc:  # the timer settles the plate if nothing confirms
+            self._to_host(
+                "emit_error",
+                f"cancel of {submission.submission_id} failed: {type(exc).__name__}: {exc}",
+                code="cancel_failed",
+                plate_id=submission.plate_id,
+            )
+
+    def _arm_cancel_timer(self, plate_id: str) -> None:
+        loop = self._loop
+        if loop is None or plate_id in self._timers:
+            return
+        self._timers[plate_id] = loop.call_later(
+            self._cancel_grace, self._handle, CancelTimedOut(plate_id=plate_id)
+        )
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _batch_id(self) -> str:
+        return self._batch.batch_id if self._batch is not None else "-"
+
+    # --- host side ---------------------------------------------------------------------------
+
+    def _to_host(
+        self,
+        callback: str,
+        *args: Any,
+        store: Callable[[], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write a store, then call one host callback, on the dispatcher's thread (C4-C6)."""
+        host = self._host
+        plate_id = args[0] if args and isinstance(args[0], str) else kwargs.get("plate_id")
+
+        def deliver() -> None:
+            try:
+                if store is not None:
+                    store()
+                getattr(host, callback)(*args, **kwargs)
+            except Exception as exc:  # C5: report, never stop
+                self.post(
+                    HostCallbackFailed(
+                        callback=callback, plate_id=plate_id, error=f"{type(exc).__name__}: {exc}"
+                    )
+                )
+
+        self._dispatcher(deliver)
+
+    def _reset_stores(self, plate_ids: list[str]) -> None:
+        host = self._host
+        for plate_id in plate_ids:
+            host.plate_compiled_data.pop(plate_id, None)
+            host.plate_execution_ids.pop(plate_id, None)
+            host.plate_execution_states.pop(plate_id, None)
+        host.progress_tracker = None
+
+    def _store_state(self, plate_id: str, state: Any) -> None:
+        self._host.plate_execution_states[plate_id] = state
+
+    def _store_compiled(self, plate_id: str, artifact: JsonValue) -> None:
+        self._host.plate_compiled_data[plate_id] = artifact
+
+    def _store_execution(self, plate_id: str, execution_id: str, artifact_id: str) -> None:
+        self._host.plate_execution_ids[plate_id] = execution_id
+        self._host.plate_compiled_data[plate_id] = artifact_id
+
+    def _store_progress(self, snapshot: Any) -> None:
+        self._host.progress_tracker = snapshot
+
+
+@final
+class SyncBatchWorkflowService:
+    """The synchronous facade: the service on a private event-loop thread.
+
+    For scripts and hosts without asyncio. Calls block until the batch
+    settles; ``cancel`` may be called from any thread meanwhile. Use it as a
+    context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, host: BatchHost, engine: Engine, **options: Any) -> None:
+        _check_host(host)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="plateflow-service", daemon=True
+        )
+        self._thread.start()
+        self._service: BatchWorkflowService = self._call(self._make(host, engine, options))
+
+    @staticmethod
+    async def _make(
+        host: BatchHost, engine: Engine, options: dict[str, Any]
+    ) -> BatchWorkflowService:
+        return BatchWorkflowService(host, engine, **options)
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return future.result(timeout)
+
+    @property
+    def service(self) -> BatchWorkflowService:
+        return self._service
+
+    def compile_plates(
+        self,
+        plates: Sequence[Plate],
+        *,
+        pipeline: PipelineSpec,
+        config: dict[str, JsonValue] | None = None,
+    ) -> BatchSummary:
+        return self._call(self._service.compile_plates(plates, pipeline=pipeline, config=config))
+
+    def run_plates(
+        self,
+        plates: Sequence[Plate],
+        *,
+        pipeline: PipelineSpec,
+        config: dict[str, JsonValue] | None = None,
+    ) -> BatchSummary:
+        return self._call(self._service.run_plates(plates, pipeline=pipeline, config=config))
+
+    def cancel(self, plate_id: str | None = None) -> None:
+        self._service.cancel(plate_id)
+
+    def close(self, timeout: float = 30.0) -> None:
+        if self._loop.is_closed():
+            return
+        try:
+            self._call(self._service.close(), timeout)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout)
+            self._loop.close()
+
+    def __enter__(self) -> SyncBatchWorkflowService:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()

@@ -1,0 +1,447 @@
+"""The service end to end: the seed's flows on real worker processes, the host contract.
+
+Every batch runs on a real ``LocalEngine`` with the example plate-reader
+pipeline on generated plates. Every wait is bounded by ``asyncio.wait_for``;
+every engine a test starts is closed by the test (through the service).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import os
+import signal
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from pydantic import JsonValue
+
+from plateflow.core import BatchState, BatchSummary, PlateOutcome, PlateState, Reason
+from plateflow.core.facts import ExecutionStarted, Fact
+from plateflow.engines.local import LocalEngine
+from plateflow.examples.platereader import GeneratedPlate, demo_pipeline, generate_plates
+from plateflow.host import BaseBatchHost
+from plateflow.pipeline.spec import PipelineSpec, StepSpec
+from plateflow.runtime.dispatch import ThreadDispatcher
+from plateflow.runtime.progress import ProgressSnapshot
+from plateflow.service import BatchWorkflowService, Plate, SyncBatchWorkflowService
+
+T = TypeVar("T")
+TIMEOUT = 60.0
+
+
+class RecordingHost(BaseBatchHost):
+    """Records every callback with the thread it ran on; can trigger actions on events."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+        self.threads: set[int] = set()
+        self.on_state: Callable[[str, PlateState], None] | None = None
+        self.raise_in: set[str] = set()
+
+    def _record(self, name: str, *args: Any) -> None:
+        self.calls.append((name, args))
+        self.threads.add(threading.get_ident())
+        if name in self.raise_in:
+            raise RuntimeError(f"host bug in {name}")
+
+    def names(self, name: str) -> list[tuple[Any, ...]]:
+        return [args for n, args in self.calls if n == name]
+
+    def emit_status(self, message: str) -> None:
+        self._record("emit_status", message)
+
+    def emit_error(self, message: str, *, code: str = "", plate_id: str | None = None) -> None:
+        self._record("emit_error", message, code, plate_id)
+
+    def emit_progress_started(self, total: int) -> None:
+        self._record("emit_progress_started", total)
+
+    def emit_progress_updated(self, snapshot: ProgressSnapshot) -> None:
+        self._record("emit_progress_updated", snapshot)
+
+    def emit_progress_finished(self, snapshot: ProgressSnapshot) -> None:
+        self._record("emit_progress_finished", snapshot)
+
+    def update_item_list(self) -> None:
+        self._record("update_item_list")
+
+    def update_button_states(self, batch_state: BatchState) -> None:
+        self._record("update_button_states", batch_state)
+
+    def emit_orchestrator_state(self, plate_id: str, state: PlateState) -> None:
+        self._record("emit_orchestrator_state", plate_id, state)
+        if self.on_state is not None:
+            self.on_state(plate_id, state)
+
+    def emit_execution_complete(self, summary: BatchSummary) -> None:
+        self._record("emit_execution_complete", summary)
+
+    def on_plate_completed(self, plate_id: str, outcome: PlateOutcome, result: JsonValue) -> None:
+        self._record("on_plate_completed", plate_id, outcome, result)
+
+    def on_all_plates_completed(self, summary: BatchSummary) -> None:
+        self._record("on_all_plates_completed", summary)
+
+
+@pytest.fixture
+def plates(tmp_path: Path) -> list[GeneratedPlate]:
+    return generate_plates(tmp_path / "plates", 4, seed=7, wells=96)
+
+
+@pytest.fixture(autouse=True)
+def _no_children_left() -> Iterator[None]:
+    yield
+    assert multiprocessing.active_children() == [], "a test left worker processes behind"
+
+
+def selection(generated: list[GeneratedPlate]) -> list[Plate]:
+    return [Plate(g.plate_id, str(g.path)) for g in generated]
+
+
+def run(coro: Awaitable[T]) -> T:
+    async def bounded() -> T:
+        return await asyncio.wait_for(coro, TIMEOUT)
+
+    return asyncio.run(bounded())
+
+
+async def with_service(
+    host: RecordingHost,
+    tmp_path: Path,
+    body: Callable[[BatchWorkflowService], Awaitable[T]],
+    **options: Any,
+) -> T:
+    engine = LocalEngine(max_workers=2, output_dir=str(tmp_path / "out"), cancel_grace=1.0)
+    service = BatchWorkflowService(host, engine, **options)
+    try:
+        return await body(service)
+    finally:
+        await service.close()
+
+
+def check_convergence(host: RecordingHost, plate_ids: list[str]) -> BatchSummary:
+    """C2 and C3 as the host sees them; returns the one summary."""
+    completed = [args[0] for args in host.names("on_plate_completed")]
+    assert sorted(completed) == sorted(plate_ids), "C2: exactly one report per plate"
+    names = [n for n, _ in host.calls]
+    assert names.count("on_all_plates_completed") == 1, "C3: one batch report"
+    assert names.count("emit_execution_complete") == 1, "C3: one completion"
+    last_plate = max(i for i, n in enumerate(names) if n == "on_plate_completed")
+    assert names.index("on_all_plates_completed") > last_plate, "C3: after every plate"
+    (summary,) = host.names("on_all_plates_completed")[0]
+    assert isinstance(summary, BatchSummary)
+    return summary
+
+
+# --- the seed's flows -------------------------------------------------------------------
+
+
+def test_compile_only_writes_compiled_data_and_rests_plates_in_compiled(
+    tmp_path: Path, plates: list[GeneratedPlate]
+) -> None:
+    host = RecordingHost()
+
+    async def body(service: BatchWorkflowService) -> BatchSummary:
+        return await service.compile_plates(selection(plates), pipeline=demo_pipeline())
+
+    summary = run(with_service(host, tmp_path, body))
+    ids = [p.plate_id for p in plates]
+    assert summary.outcome is BatchState.COMPLETED
+    assert summary.counts == {PlateOutcome.COMPILED: 4}
+    assert check_convergence(host, ids) == summary
+    artifacts = set(host.plate_compiled_data.values())
+    assert len(artifacts) == 1, "one pipeline, one content-addressed artifact"
+    assert host.plate_execution_states == dict.fromkeys(ids, PlateState.COMPILED)
+    assert host.plate_execution_ids == {}
+    assert host.names("emit_progress_started") == [(4,)]
+    (final,) = host.names("emit_progress_finished")[0]
+    assert final.fraction == 1.0
+
+
+def test_run_batch_executes_every_plate_and_finds_the_planted_hits(
+    tmp_path: Path, plates: list[GeneratedPlate]
+) -> None:
+    host = RecordingHost()
+    # The barrier, from the host's side: no plate executes before every plate compiled.
+    order: list[tuple[str, PlateState]] = []
+    host.on_state = lambda plate, state: order.append((plate, state))
+
+    async def body(service: BatchWorkflowService) -> BatchSummary:
+        return await service.run_plates(selection(plates), pipeline=demo_pipeline())
+
+    summary = run(with_service(host, tmp_path, body))
+    ids = [p.plate_id for p in plates]
+    assert summary.outcome is BatchState.COMPLETED
+    assert check_convergence(host, ids) == summary
+    first_executing = next(i for i, (_, s) in enumerate(order) if s is PlateState.EXECUTING)
+    compiled = {p for p, s in order[:first_executing] if s is PlateState.COMPILED}
+    assert compiled == set(ids), "barrier: every plate compiled before any executes"
+    for generated in plates:
+        ((plate_id, outcome, result),) = [
+            args for args in host.names("on_plate_completed") if args[0] == generated.plate_id
+        ]
+        assert outcome is PlateOutcome.COMPLETED
+        assert isinstance(result, dict)
+        found = {hit["well"] for hit in result["hits"]}  # type: ignore[index,union-attr]
+        assert set(generated.planted_hits) <= found, f"{plate_id}: planted hits found"
+        report = json.loads(Path(str(result["report"])).read_text(encoding="utf-8"))
+        assert report["plate_id"] == plate_id
+    assert set(host.plate_execution_ids) == set(ids)
+    assert host.plate_execution_states == dict.fromkeys(ids, PlateState.COMPLETED)
+    assert host.progress_tracker is not None
+    assert host.progress_tracker.fraction == 1.0
+
+
+def _broken(plate: GeneratedPlate) -> Plate:
+    bad = PipelineSpec(steps=(StepSpec(function="plateflow.examples.platereader:no_such_step"),))
+    return Plate(plate.plate_id, str(plate.path), pipeline=bad)
+
+
+def test_compile_failure_with_abort_executes_nothing(
+    tmp_path: Path, plates: list[GeneratedPlate]
+) -> None:
+    host = RecordingHost()
+    chosen = [*selection(plates[:2]), _broken(plates[2])]
+
+    async def body(service: BatchWorkflowService) -> BatchSummary:
+        return await service.run_plates(chosen, pipeline=demo_pipeline())
+
+    summary = run(with_service(host, tmp_path, body))
+    assert summary.outcome is BatchState.FAILED
+    reasons = {s.plate_id: s.reason for s in summary.plates}
+    assert reasons[plates[2].plate_id] is Reason.COMPILE_FAILED
+    assert {reasons[p.plate_id] for p in plates[:2]} <= {Reason.BATCH_ABORTED}
+    assert host.plate_execution_ids == {}, "abort: nothing was executed"
+    check_convergence(host, [p.plate_id for p in chosen])
+
+
+def test_compile_failure_with_continue_executes_the_rest(
+    tmp_path: Path, plates: list[GeneratedPlate]
+) -> None:
+    host = RecordingHost()
+    chosen = [*selection(plates[:2]), _broken(plates[2])]
+
+    async def body(service: BatchWorkflowService) -> BatchSummary:
+        return await service.run_plates(chosen, pipeline=demo_pipeline())
+
+    summary = run(with_service(host, tmp_path, body, policy="continue"))
+    assert summary.counts == {PlateOutcome.COMPLETED: 2, PlateOutcome.FAILED: 1}
+    assert set(host.plate_execution_ids) == {p.plate_id for p in plates[:2]}
+    (failure,) = [a for a in host.names("on_plate_completed") if a[1] is PlateOutcome.FAILED]
+    assert "no_such_step" in str(failure[2])
+
+
+def test_a_bad_plate_file_fails_only_that_plate(
+    tmp_path: Path, plates: list[GeneratedPlate]
+) -> None:
+    plates[1].path.write_text("well,role,signal\nA01,sample,lots\n", encoding="utf-8")
+    host = RecordingHost()
+
+    async def body(service: BatchWorkflowService) -> BatchSummary:
+        return await service.run_plates(selection(plates), pipeline=demo_pipeline())
+
+    summary = run(with_service(host, tmp_path, body))
+    reasons = {s.plate_id: s.reason for s in summary.plates}
+    assert reasons.pop(plates[1].plate_id) is Reason.EXECUTION_FAILED
+    assert set(reasons.values()) == {Reason.SUCCEEDED}
+    (failure,) = [a for a in host.names("on_plate_completed") if a[0] == plates[1].plate_id]
+    assert "line 2" in json.dumps(failure[2])
+
+
+# --- cancel and crashes --------------------------------------------------------------------
+
+
+def test_cancel_one_plate_mid_run(tmp_path: Path, plates: list[GeneratedPlate]) -> None:
+    host = RecordingHost()
+    slow = demo_pipeline(pause_seconds=30.0)
+    target = plates[0].plate_id
+
+    async def body(service: BatchWorkflowService) -> BatchSummary:
+        def on_state(plate: str, state: PlateState) -> None:
+            if plate == target and state is PlateState.EXECUTING:
+                service.cancel(target)
+
+        host.on_state = on_state
+        chosen = [Plate(target, str(plates[0].path), pipeline=slow), *selection(plates[1:])]
+        return await service.run_plates(chosen, pipeline=demo_pipeline())
+
+    summary = run(with_service(host, tmp_path, body, cancel_grace=20.0))
+    outcomes = {s.plate_id: (s.outcome, s.reason) for s in summary.plates}
+    assert outcomes.pop(target) == (PlateOutcome.CANCELLED, Reason.CANCEL_REQUESTED)
+    assert set(outcomes.values()) == {(PlateOutcome.COMPLETED, Reason.SUCCEEDED)}
+    assert summary.outcome is BatchState.CANCELLED
+
+
+def test_cancel_the_batch(tmp_path: Path, plates: list[GeneratedPlate]) -> None:
+    host = RecordingHost()
+
+    async def body(service: BatchWorkflowService) -> BatchSummary:
+        host.on_state = lambda plate, state: (
+            service.cancel() if state is PlateState.EXECUTING else None
+        )
+        return await service.run_plates(
+            selection(plates), pipeline=demo_pipeline(pause_seconds=30.0)
+        )
+
+    summary = run(with_service(host, tmp_path, body, cancel_grace=20.0))
+    assert summary.outcome is BatchState.CANCELLED
+    assert summary.counts == {PlateOutcome.CANCELLED: 4}
+    assert BatchState.CANCELLING in [args[0] for args in host.names("update_button_states")]
+    check_convergence(host, [p.plate_id for p in plates])
+
+
+class StartSpyEngine(LocalEngine):
+    """A real local engine whose sink also tells the test when a plate's worker started."""
+
+    def __init__(self, plate_id: str, **options: Any) -> None:
+        super().__init__(**options)
+        self.started = threading.Event()
+        self._plate_id = plate_id
+
+    async def start(self, sink: Callable[[Fact], None]) -> None:
+        def spy(fact: Fact) -> None:
+            sink(fact)
+            if isinstance(fact, ExecutionStarted) and fact.plate_id == self._plate_id:
+                self.started.set()
+
+        await super().start(spy)
+
+
+def test_a_worker_killed_with_sigkill_fails_its_plate_with_the_exit_code(
+    tmp_path: Path, plates: list[GeneratedPlate]
+) -> None:
+    host = RecordingHost()
+    victim = plates[0].plate_id
+    engine = StartSpyEngine(victim, max_workers=2, output_dir=str(tmp_path / "out"))
+
+    async def scenario() -> BatchSummary:
+        service = BatchWorkflowService(host, engine)
+
+        async def kill_when_started() -> None:
+            loop = asyncio.get_running_loop()
+            assert await loop.run_in_executor(None, engine.started.wait, TIMEOUT)
+            info = await engine.server_info()
+            running = info["running_submissions"]
+            assert isinstance(running, list)
+            (pid,) = [r["pid"] for r in running if isinstance(r, dict) and r["plate_id"] == victim]
+            os.kill(int(str(pid)), signal.SIGKILL)
+
+        chosen = [
+            Plate(victim, str(plates[0].path), pipeline=demo_pipeline(pause_seconds=30.0)),
+            *selection(plates[1:]),
+        ]
+        try:
+            killer = asyncio.create_task(kill_when_started())
+            summary = await service.run_plates(chosen, pipeline=demo_pipeline())
+            await killer
+            return summary
+        finally:
+            await service.close()
+
+    summary = run(scenario())
+    outcomes = {s.plate_id: s.reason for s in summary.plates}
+    assert outcomes.pop(victim) is Reason.EXECUTION_FAILED
+    assert set(outcomes.values()) == {Reason.SUCCEEDED}
+    (failure,) = [a for a in host.names("on_plate_completed") if a[0] == victim]
+    assert isinstance(failure[2], dict)
+    assert failure[2]["exit_code"] == -signal.SIGKILL
+
+
+# --- the host contract ----------------------------------------------------------------------
+
+
+def test_a_host_that_does_not_subclass_batchhost_is_refused_by_name() -> None:
+    class DuckHost:
+        def emit_status(self, message: str) -> None:
+            pass
+
+    with pytest.raises(TypeError, match="BatchHost subclass") as info:
+        BatchWorkflowService(DuckHost(), LocalEngine())  # type: ignore[arg-type]
+    assert "on_plate_completed" in str(info.value)
+    assert "emit_status," not in str(info.value), "only what is missing is named"
+
+
+def test_c5_a_raising_host_callback_is_reported_and_the_batch_still_converges(
+    tmp_path: Path, plates: list[GeneratedPlate]
+) -> None:
+    host = RecordingHost()
+    host.raise_in = {"on_plate_completed", "emit_orchestrator_state"}
+
+    async def body(service: BatchWorkflowService) -> BatchSummary:
+        return await service.run_plates(selection(plates), pipeline=demo_pipeline())
+
+    summary = run(with_service(host, tmp_path, body))
+    assert summary.outcome is BatchState.COMPLETED
+    check_convergence(host, [p.plate_id for p in plates])
+    errors = host.names("emit_error")
+    assert any(
+        code == "host_callback_failed" and "on_plate_completed" in m for m, code, _ in errors
+    )
+    service_journal_kinds = {a[1] for a in errors}
+    assert service_journal_kinds == {"host_callback_failed"}
+
+
+def test_c6_callbacks_and_store_writes_arrive_on_the_dispatchers_thread(
+    tmp_path: Path, plates: list[GeneratedPlate]
+) -> None:
+    host = RecordingHost()
+    seen_store_threads: set[int] = set()
+
+    class WatchedDict(dict[str, Any]):
+        def __setitem__(self, key: str, value: Any) -> None:
+            seen_store_threads.add(threading.get_ident())
+            super().__setitem__(key, value)
+
+    host.plate_execution_states = WatchedDict()
+    dispatcher = ThreadDispatcher(name="gui")
+    try:
+
+        async def body(service: BatchWorkflowService) -> BatchSummary:
+            return await service.run_plates(selection(plates[:2]), pipeline=demo_pipeline())
+
+        run(with_service(host, tmp_path, body, dispatcher=dispatcher))
+    finally:
+        assert dispatcher.close(timeout=10.0)
+    assert host.threads == {dispatcher.thread_id}
+    assert seen_store_threads == {dispatcher.thread_id}
+    check_convergence(host, [p.plate_id for p in plates[:2]])
+
+
+def test_the_synchronous_facade_runs_a_batch_from_a_plain_thread(
+    tmp_path: Path, plates: list[GeneratedPlate]
+) -> None:
+    host = RecordingHost()
+    engine = LocalEngine(max_workers=2, output_dir=str(tmp_path / "out"))
+    with SyncBatchWorkflowService(host, engine) as service:
+        summary = service.run_plates(selection(plates[:2]), pipeline=demo_pipeline())
+        assert summary.outcome is BatchState.COMPLETED
+        assert service.service.batch is not None
+        assert service.service.batch.settled
+    check_convergence(host, [p.plate_id for p in plates[:2]])
+
+
+def test_a_second_batch_while_one_runs_is_refused(
+    tmp_path: Path, plates: list[GeneratedPlate]
+) -> None:
+    host = RecordingHost()
+
+    async def body(service: BatchWorkflowService) -> str:
+        first = asyncio.create_task(
+            service.run_plates(selection(plates), pipeline=demo_pipeline(pause_seconds=30.0))
+        )
+        while service.batch is None:
+            await asyncio.sleep(0)
+        with pytest.raises(Exception, match="still compiling|still executing") as info:
+            await service.run_plates(selection(plates), pipeline=demo_pipeline())
+        service.cancel()
+        await first
+        return str(info.value)
+
+    message = run(with_service(host, tmp_path, body, cancel_grace=20.0))
+    assert "cancel it" in message
