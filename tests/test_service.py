@@ -23,6 +23,7 @@ from pydantic import JsonValue
 from plateflow.core import BatchState, BatchSummary, PlateOutcome, PlateState, Reason
 from plateflow.core.facts import ExecutionStarted, Fact
 from plateflow.engines.local import LocalEngine
+from plateflow.errors import UsageError
 from plateflow.examples.platereader import GeneratedPlate, demo_pipeline, generate_plates
 from plateflow.host import BaseBatchHost
 from plateflow.pipeline.spec import PipelineSpec, StepSpec
@@ -437,7 +438,7 @@ def test_a_second_batch_while_one_runs_is_refused(
         )
         while service.batch is None:
             await asyncio.sleep(0)
-        with pytest.raises(Exception, match="still compiling|still executing") as info:
+        with pytest.raises(UsageError, match=r"still (compiling|executing)") as info:
             await service.run_plates(selection(plates), pipeline=demo_pipeline())
         service.cancel()
         await first
