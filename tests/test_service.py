@@ -197,6 +197,8 @@ def test_run_batch_executes_every_plate_and_finds_the_planted_hits(
     assert host.plate_execution_states == dict.fromkeys(ids, PlateState.COMPLETED)
     assert host.progress_tracker is not None
     assert host.progress_tracker.fraction == 1.0
+    statuses = [args[0] for args in host.names("emit_status")]
+    assert any(m.startswith("engine local: ") for m in statuses), "server status emitted"
 
 
 def _broken(plate: GeneratedPlate) -> Plate:

@@ -17,6 +17,7 @@ from plateflow.core import (
     Reason,
     replay,
 )
+from plateflow.engines.base import Engine, EngineError, Submission
 from plateflow.errors import (
     ConvergenceViolation,
     ErrorCode,
@@ -27,28 +28,61 @@ from plateflow.errors import (
     ReentrancyError,
     UsageError,
 )
+from plateflow.host import BaseBatchHost, BatchHost
+from plateflow.jobs import CompileJob
+from plateflow.pipeline import PipelineError, PipelineSpec, StepContext, StepSpec
+from plateflow.runtime import (
+    BatchSubmitWaitEngine,
+    CoalescingProgressEmitter,
+    ExecutionStatusPoller,
+    IntervalSnapshotPoller,
+    ProgressProjection,
+    ProgressSnapshot,
+    ThreadDispatcher,
+)
+from plateflow.service import BatchWorkflowService, Plate, SyncBatchWorkflowService
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "BaseBatchHost",
     "Batch",
+    "BatchHost",
     "BatchMode",
     "BatchSnapshot",
     "BatchState",
+    "BatchSubmitWaitEngine",
     "BatchSummary",
+    "BatchWorkflowService",
+    "CoalescingProgressEmitter",
     "CompileFailurePolicy",
+    "CompileJob",
     "ConvergenceViolation",
+    "Engine",
+    "EngineError",
     "ErrorCode",
+    "ExecutionStatusPoller",
+    "IntervalSnapshotPoller",
     "InvalidTransition",
     "Journal",
     "JournalError",
+    "PipelineError",
+    "PipelineSpec",
+    "Plate",
     "PlateOutcome",
     "PlateSnapshot",
     "PlateState",
     "PlateflowBug",
     "PlateflowError",
+    "ProgressProjection",
+    "ProgressSnapshot",
     "Reason",
     "ReentrancyError",
+    "StepContext",
+    "StepSpec",
+    "Submission",
+    "SyncBatchWorkflowService",
+    "ThreadDispatcher",
     "UsageError",
     "__version__",
     "replay",

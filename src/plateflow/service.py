@@ -64,6 +64,7 @@ from plateflow.jobs import CompileJob
 from plateflow.pipeline.spec import PipelineSpec
 from plateflow.runtime.dispatch import Dispatcher, inline_dispatcher
 from plateflow.runtime.progress import CoalescingProgressEmitter, ProgressProjection
+from plateflow.runtime.snapshot_poller import IntervalSnapshotPoller
 from plateflow.runtime.status_poller import ExecutionStatusPoller
 from plateflow.runtime.submit_wait import BatchSubmitWaitEngine, JobCancelled
 
@@ -141,8 +142,20 @@ class BatchWorkflowService:
             timeout=max(status_interval, 1.0) * 5,
         )
         self._phases: dict[str, tuple[BatchSubmitWaitEngine[tuple[str, str]], tuple[str, str]]] = {}
+        self._server: IntervalSnapshotPoller[dict[str, JsonValue]] = IntervalSnapshotPoller(
+            self._engine.server_info,
+            self._on_server_info,
+            interval=status_interval,
+            timeout=max(status_interval, 1.0) * 5,
+            on_error=lambda exc: None,  # a slow or failing snapshot only delays the next
+        )
 
     # --- public API ------------------------------------------------------------------
+
+    @property
+    def server_info(self) -> dict[str, JsonValue] | None:
+        """The latest engine snapshot taken while a batch ran (None before any)."""
+        return self._server.latest
 
     @property
     def batch(self) -> Batch | None:
@@ -262,7 +275,11 @@ class BatchWorkflowService:
             "emit_progress_started", len(selected), store=partial(self._reset_stores, selected)
         )
         self._handle(BatchStarted())
-        await self._settled.wait()
+        self._server.start()
+        try:
+            await self._settled.wait()
+        finally:
+            await self._server.stop()
         assert self._summary is not None  # set with the event
         return self._summary
 
@@ -416,6 +433,13 @@ class BatchWorkflowService:
                 code="cancel_failed",
                 plate_id=submission.plate_id,
             )
+
+    def _on_server_info(self, info: dict[str, JsonValue]) -> None:
+        """Server-status emission (the seed's third duty): only when the snapshot changed."""
+        counts = ", ".join(
+            f"{info[key]} {key}" for key in ("running", "queued") if isinstance(info.get(key), int)
+        )
+        self._to_host("emit_status", f"engine {self._engine.name}: {counts or 'up'}")
 
     def _arm_cancel_timer(self, plate_id: str) -> None:
         loop = self._loop
