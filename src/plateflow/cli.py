@@ -1,56 +1,100 @@
 """The ``plateflow`` command: a thin layer over the public API.
 
-``plateflow demo`` runs a batch of plates through the state machines with an
-in-process simulated engine and prints what happened; ``plateflow journal
-show FILE`` explains a journal written by a batch.
+``plateflow demo [DIR]`` writes synthetic plates with planted hits (and one
+corrupted plate), runs them through compile-then-execute on the local engine
+with a host that prints what happens, then explains the failed plate from the
+journal. ``plateflow journal show FILE`` prints each plate's story.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from plateflow import Batch, CompileFailurePolicy, Journal, JournalError, UsageError
-from plateflow._simulator import Simulator
-from plateflow.core import BatchStarted, Fact, ReportBatch, ReportPlate
+from pydantic import JsonValue
+
+from plateflow import (
+    BaseBatchHost,
+    BatchSummary,
+    CompileFailurePolicy,
+    Journal,
+    JournalError,
+    Plate,
+    PlateOutcome,
+    SyncBatchWorkflowService,
+    UsageError,
+)
+from plateflow.engines.local import LocalEngine
+from plateflow.examples.platereader import demo_pipeline, generate_plates
 
 __all__ = ["main"]
 
 
+class _PrintingHost(BaseBatchHost):
+    """The CLI is a host like any other: it only overrides what it shows."""
+
+    def __init__(self, planted: dict[str, tuple[str, ...]]) -> None:
+        super().__init__()
+        self._planted = planted
+
+    def emit_error(self, message: str, *, code: str = "", plate_id: str | None = None) -> None:
+        print(f"  error: {message}", file=sys.stderr)
+
+    def on_plate_completed(self, plate_id: str, outcome: PlateOutcome, result: JsonValue) -> None:
+        line = f"  {plate_id:<12} {outcome.value:<10}"
+        if isinstance(result, dict) and isinstance(result.get("hits"), list):
+            found = {h["well"] for h in result["hits"] if isinstance(h, dict)}  # type: ignore[union-attr]
+            planted = set(self._planted.get(plate_id, ()))
+            line += f" hits {len(found):>2}  planted {len(planted)} found {len(planted & found)}"
+        elif isinstance(result, dict) and "error" in result:
+            line += f" {str(result['error']).splitlines()[0][:200]}"
+        print(line)
+
+    def on_all_plates_completed(self, summary: BatchSummary) -> None:
+        counts = ", ".join(f"{n} {o.value}" for o, n in summary.counts.items())
+        print(f"batch {summary.outcome.value}: {counts}")
+
+
 def _demo(args: argparse.Namespace) -> int:
-    plates = [f"plate-{i:02d}" for i in range(1, args.plates + 1)]
-    ticks = itertools.count()
-    batch = Batch(
-        "demo",
-        plates,
-        policy=CompileFailurePolicy(args.policy),
-        clock=lambda: float(next(ticks)) / 10,
-    )
-    engine = Simulator(fail_execution=args.fail or ["plate-05"])
-    print(f"running {len(plates)} plates (simulated in-process engine)", file=sys.stderr)
-    fact: Fact | None = BatchStarted()
-    while fact is not None:
-        decisions = batch.handle(fact)
-        engine.submit(decisions)
-        for d in decisions:
-            if isinstance(d, ReportPlate):
-                print(f"  {d.plate_id:<10} {d.outcome.value:<10} {d.reason.value}")
-            elif isinstance(d, ReportBatch):
-                counts = ", ".join(f"{n} {o.value}" for o, n in d.summary.counts.items())
-                print(f"batch {d.summary.outcome.value}: {counts}")
-        fact = engine.next_fact()
-    for plate in engine.planted:
-        print(f"\nwhy did {plate} end {batch.plate_state(plate).value}? its story:")
-        for record in batch.journal.story(plate):
-            moves = [f"{c.old.value}->{c.new.value}" for c in record.changes if c.plate_id == plate]
-            print(f"  #{record.seq:<4} {record.fact.kind:<20} {', '.join(moves) or '-'}")
-    if args.journal:
-        batch.journal.save(args.journal)
-        print(f"journal written to {args.journal}", file=sys.stderr)
-    return 0  # the failures were planted: the demo ran as intended
+    folder = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="plateflow-demo-"))
+    generated = generate_plates(folder / "plates", args.plates, seed=args.seed, wells=96)
+    broken = generated[min(4, len(generated) - 1)]
+    broken.path.write_text("well,role,signal\nA01,sample,saturated\n", encoding="utf-8")
+    planted = {g.plate_id: g.planted_hits for g in generated}
+    print(f"{len(generated)} plates in {folder / 'plates'} ({broken.plate_id} is corrupted)")
+    engine = LocalEngine(output_dir=str(folder / "reports"))
+    host = _PrintingHost(planted)
+    with SyncBatchWorkflowService(
+        host, engine, policy=CompileFailurePolicy(args.policy), status_interval=0.5
+    ) as service:
+        service.run_plates(
+            [Plate(g.plate_id, str(g.path)) for g in generated], pipeline=demo_pipeline()
+        )
+        batch = service.service.batch
+    assert batch is not None
+    journal = folder / "journal.jsonl"
+    batch.journal.save(journal)
+    print(f"\nwhy did {broken.plate_id} end {batch.plate_state(broken.plate_id).value}?")
+    _print_story(batch.journal, broken.plate_id)
+    print(f"\nreports in {folder / 'reports'}; journal in {journal}")
+    return 0
+
+
+def _print_story(journal: Journal, plate: str) -> None:
+    start = journal[0].time if len(journal) else 0.0
+    for record in journal.story(plate):
+        moves = [f"{c.old.value}->{c.new.value}" for c in record.changes if c.plate_id == plate]
+        shown = ", ".join(moves) or record.disposition.value
+        elapsed = f"+{record.time - start:.3f}s"
+        print(f"  #{record.seq:<4} {elapsed:>9} {record.fact.kind:<20} {shown}")
+        if record.disposition != "applied":
+            print(f"         {record.detail}")
+        error = getattr(record.fact, "error", None)
+        if error:
+            print(f"         {str(error).splitlines()[0][:200]}")
 
 
 def _journal_show(args: argparse.Namespace) -> int:
@@ -62,28 +106,18 @@ def _journal_show(args: argparse.Namespace) -> int:
         if plate not in header.plate_ids:
             raise UsageError(f"{args.file}: no plate {plate!r} in this batch")
         print(f"\n{plate}:")
-        for record in journal.story(plate):
-            moves = [f"{c.old.value}->{c.new.value}" for c in record.changes if c.plate_id == plate]
-            shown = ", ".join(moves) or record.disposition.value
-            print(f"  #{record.seq:<4} t={record.time:<8g} {record.fact.kind:<20} {shown}")
-            if record.disposition != "applied":
-                print(f"         {record.detail}")
+        _print_story(journal, plate)
     return 0
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plateflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run a demo batch and print what happened")
+    demo = sub.add_parser("demo", help="run the demo batch and explain its failed plate")
+    demo.add_argument("dir", nargs="?", help="where to write plates, reports and the journal")
     demo.add_argument("--plates", type=int, default=8, help="how many plates (default 8)")
-    demo.add_argument(
-        "--fail",
-        action="append",
-        metavar="PLATE",
-        help="a plate whose execution fails (repeatable; default plate-05)",
-    )
+    demo.add_argument("--seed", type=int, default=1, help="seed of the synthetic plates")
     demo.add_argument("--policy", choices=[p.value for p in CompileFailurePolicy], default="abort")
-    demo.add_argument("--journal", type=Path, help="write the batch journal here (JSON Lines)")
     demo.set_defaults(run=_demo)
     journal = sub.add_parser("journal", help="read a batch journal")
     journal_sub = journal.add_subparsers(dest="journal_command", required=True)
