@@ -375,8 +375,7 @@ RUN_BATCH_LEVEL: Final[tuple[tuple[str, str, CompileFailurePolicy, Causality], .
     ("success", "compile_rejected", CONTINUE, "causal"),
     ("success", "cancel_compile", ABORT, "causal"),
     ("out_of_order", "out_of_order", ABORT, "causal"),
-    # A pending plate cancel meets a batch cancel or engine loss; the other plate fails.
-    ("cancel_execution", "execution_failed", ABORT, "causal"),
+    # A pending plate cancel meets a batch cancel or engine loss; the other plate failed.
     ("cancel_execution", "compile_failed", CONTINUE, "causal"),
     # The race, next to a compile failure that aborts the batch (or does not).
     ("cancel_race", "compile_failed", ABORT, "causal"),

@@ -8,6 +8,7 @@ every engine a test starts is closed by the test (through the service).
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import multiprocessing
 import os
@@ -20,7 +21,8 @@ from typing import Any, TypeVar
 import pytest
 from pydantic import JsonValue
 
-from plateflow.core import BatchState, BatchSummary, PlateOutcome, PlateState, Reason
+from plateflow import Journal, replay
+from plateflow.core import Batch, BatchState, BatchSummary, PlateOutcome, PlateState, Reason
 from plateflow.core.facts import ExecutionStarted, Fact
 from plateflow.engines.local import LocalEngine
 from plateflow.errors import UsageError
@@ -101,6 +103,12 @@ def _no_children_left() -> Iterator[None]:
     assert multiprocessing.active_children() == [], "a test left worker processes behind"
 
 
+def _journal_text(batch: Batch) -> str:
+    stream = io.StringIO()
+    batch.journal.write(stream)
+    return stream.getvalue()
+
+
 def selection(generated: list[GeneratedPlate]) -> list[Plate]:
     return [Plate(g.plate_id, str(g.path)) for g in generated]
 
@@ -173,13 +181,21 @@ def test_run_batch_executes_every_plate_and_finds_the_planted_hits(
     order: list[tuple[str, PlateState]] = []
     host.on_state = lambda plate, state: order.append((plate, state))
 
+    batches: list[Batch] = []
+
     async def body(service: BatchWorkflowService) -> BatchSummary:
-        return await service.run_plates(selection(plates), pipeline=demo_pipeline())
+        summary = await service.run_plates(selection(plates), pipeline=demo_pipeline())
+        assert service.batch is not None
+        batches.append(service.batch)
+        return summary
 
     summary = run(with_service(host, tmp_path, body))
     ids = [p.plate_id for p in plates]
     assert summary.outcome is BatchState.COMPLETED
     assert check_convergence(host, ids) == summary
+    # The journal explains the run: replayed, it reaches the very same states.
+    (batch,) = batches
+    assert replay(Journal.read(io.StringIO(_journal_text(batch)))).snapshot() == batch.snapshot()
     first_executing = next(i for i, (_, s) in enumerate(order) if s is PlateState.EXECUTING)
     compiled = {p for p, s in order[:first_executing] if s is PlateState.COMPILED}
     assert compiled == set(ids), "barrier: every plate compiled before any executes"
