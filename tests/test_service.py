@@ -23,7 +23,7 @@ from pydantic import JsonValue
 
 from plateflow import Journal, replay
 from plateflow.core import Batch, BatchState, BatchSummary, PlateOutcome, PlateState, Reason
-from plateflow.core.facts import ExecutionStarted, Fact
+from plateflow.core.facts import ExecutionStarted, ExecutionSucceeded, Fact
 from plateflow.engines.local import LocalEngine
 from plateflow.errors import UsageError
 from plateflow.examples.platereader import GeneratedPlate, demo_pipeline, generate_plates
@@ -46,6 +46,7 @@ class RecordingHost(BaseBatchHost):
         self.threads: set[int] = set()
         self.on_state: Callable[[str, PlateState], None] | None = None
         self.raise_in: set[str] = set()
+        self.late_posted = False
 
     def _record(self, name: str, *args: Any) -> None:
         self.calls.append((name, args))
@@ -464,3 +465,41 @@ def test_a_second_batch_while_one_runs_is_refused(
 
     message = run(with_service(host, tmp_path, body, cancel_grace=20.0))
     assert "cancel it" in message
+
+
+def posted_late(host: RecordingHost) -> bool:
+    return host.late_posted
+
+
+def test_two_batches_in_a_row_and_late_facts_from_the_first_are_not_the_seconds_business(
+    tmp_path: Path, plates: list[GeneratedPlate]
+) -> None:
+    host = RecordingHost()
+    chosen = selection(plates[:2])
+
+    old: list[str] = []
+
+    async def body(service: BatchWorkflowService) -> tuple[BatchSummary, BatchSummary, Batch]:
+        first = await service.run_plates(chosen, pipeline=demo_pipeline())
+        old_execution = host.plate_execution_ids[chosen[0].plate_id]
+        old.append(old_execution)
+        late = ExecutionSucceeded(plate_id=chosen[0].plate_id, execution_id=old_execution)
+
+        def on_state(plate: str, state: PlateState) -> None:
+            if not host.late_posted:
+                host.late_posted = True
+                service.post(late)  # as if the engine re-sent it during the second batch
+
+        host.on_state = on_state
+        second = await service.run_plates(chosen, pipeline=demo_pipeline())
+        assert service.batch is not None
+        return first, second, service.batch
+
+    first, second, batch = run(with_service(host, tmp_path, body))
+    assert first.outcome is second.outcome is BatchState.COMPLETED
+    assert first.batch_id != second.batch_id
+    assert host.names("emit_error") == []
+    assert posted_late(host)
+    assert all(getattr(r.fact, "execution_id", None) != old[0] for r in batch.journal)
+    assert len(host.names("on_all_plates_completed")) == 2
+    assert len(host.names("on_plate_completed")) == 4

@@ -290,6 +290,9 @@ class BatchWorkflowService:
         batch = self._batch
         if batch is None:
             return
+        submission_id = getattr(fact, "job_id", None) or getattr(fact, "execution_id", None)
+        if submission_id is not None and not submission_id.startswith(f"{batch.batch_id}."):
+            return  # a late fact about an earlier batch's submission: not this batch's business
         submissions: list[SubmitCompile | SubmitExecution] = []
         for decision in batch.handle(fact):
             if isinstance(decision, SubmitCompile | SubmitExecution):
