@@ -467,10 +467,6 @@ def test_a_second_batch_while_one_runs_is_refused(
     assert "cancel it" in message
 
 
-def posted_late(host: RecordingHost) -> bool:
-    return host.late_posted
-
-
 def test_two_batches_in_a_row_and_late_facts_from_the_first_are_not_the_seconds_business(
     tmp_path: Path, plates: list[GeneratedPlate]
 ) -> None:
@@ -499,7 +495,7 @@ def test_two_batches_in_a_row_and_late_facts_from_the_first_are_not_the_seconds_
     assert first.outcome is second.outcome is BatchState.COMPLETED
     assert first.batch_id != second.batch_id
     assert host.names("emit_error") == []
-    assert posted_late(host)
+    assert host.late_posted, "the late fact was really posted"
     assert all(getattr(r.fact, "execution_id", None) != old[0] for r in batch.journal)
     assert len(host.names("on_all_plates_completed")) == 2
     assert len(host.names("on_plate_completed")) == 4
