@@ -4,6 +4,8 @@
 corrupted plate), runs them through compile-then-execute on the local engine
 with a host that prints what happens, then explains the failed plate from the
 journal. ``plateflow journal show FILE`` prints each plate's story.
+``plateflow serve`` runs the embedded ZeroMQ execution server until it is
+shut down (SIGTERM, Ctrl-C or a shutdown request carrying its token).
 """
 
 from __future__ import annotations
@@ -110,6 +112,35 @@ def _journal_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    # Imported here so that the other commands never load ZeroMQ.
+    from plateflow.engines.zmq.server import (
+        DEFAULT_ALLOWED_MODULES,
+        ExecutionServer,
+        ServerRecord,
+    )
+
+    allowed = tuple(dict.fromkeys([*DEFAULT_ALLOWED_MODULES, *args.allow]))
+    server = ExecutionServer(
+        args.runtime_dir,
+        tcp_port=args.tcp_port,
+        max_workers=args.workers,
+        allowed_modules=allowed,
+        output_dir=args.output_dir,
+        heartbeat_interval=args.heartbeat,
+    )
+
+    def ready(record: ServerRecord) -> None:
+        print(f"plateflow serve: server {record.server_id} (pid {record.pid})", file=sys.stderr)
+        print(f"  record  {server.runtime_dir / 'server.json'}", file=sys.stderr)
+        print(f"  control {record.control}", file=sys.stderr)
+        print(f"  events  {record.events}", file=sys.stderr, flush=True)
+
+    server.run(on_ready=ready)
+    print("plateflow serve: stopped", file=sys.stderr)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plateflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +156,36 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("file", type=Path)
     show.add_argument("--plate", help="only this plate")
     show.set_defaults(run=_journal_show)
+    serve = sub.add_parser("serve", help="run the embedded ZeroMQ execution server")
+    serve.add_argument(
+        "--runtime-dir",
+        type=Path,
+        help="private directory for sockets, server.json and token "
+        "(default $PLATEFLOW_RUNTIME_DIR, else $XDG_RUNTIME_DIR/plateflow)",
+    )
+    serve.add_argument(
+        "--tcp-port",
+        type=int,
+        help="listen on TCP 127.0.0.1 (control PORT, events PORT+1; 0 picks free ports) "
+        "instead of IPC sockets",
+    )
+    serve.add_argument("--workers", type=int, help="worker processes at most (default: CPUs)")
+    serve.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="also resolve pipeline steps from MODULE (repeatable)",
+    )
+    serve.add_argument("--output-dir", help="where steps write (default: a temporary dir)")
+    serve.add_argument(
+        "--heartbeat",
+        type=float,
+        default=0.5,
+        metavar="SECONDS",
+        help="heartbeat interval (default 0.5)",
+    )
+    serve.set_defaults(run=_serve)
     return parser
 
 

@@ -339,6 +339,8 @@ class BatchWorkflowService:
             self._to_host("emit_error", d.message, code=str(d.code), plate_id=d.plate_id)
 
     def _finish(self, summary: BatchSummary) -> None:
+        for plate_id in list(self._phases):  # every plate settled: no phase waits any more
+            self._job_done(plate_id, "settled")
         final = None
         if self._emitter is not None and self._projection is not None:
             self._emitter.close()
