@@ -205,7 +205,7 @@ def decode_request(frame: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) 
     raw = _check_frame(frame, max_bytes)
     request_id = raw.get("id") if isinstance(raw.get("id"), str) else None
     version = raw.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:  # not True, not 1.0
         raise WireError(
             f"protocol version {version!r} is not supported (this server speaks "
             f"{PROTOCOL_VERSION})",

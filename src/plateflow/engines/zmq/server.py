@@ -1,0 +1,523 @@
+"""The embedded execution server: a :class:`LocalEngine` behind a ZeroMQ ROUTER and PUB.
+
+Theory of operation: one thread (the one that calls :meth:`ExecutionServer.run`,
+the main thread under ``plateflow serve``) owns every ZeroMQ socket, because
+ZeroMQ sockets are not thread-safe. It sleeps in one :class:`zmq.Poller` over
+the control ROUTER and the read end of a self-pipe, with a timeout that ends
+at the next heartbeat, so it never busy-polls.
+
+Work runs in a :class:`LocalEngine`, i.e. in worker processes: a cancel stops
+that one worker, a crashed worker fails only its own execution, and the server
+keeps serving. The engine pushes facts from its watcher thread (and, for
+``*Accepted``/``*Rejected``, from the server's own thread during a submit), so
+its sink touches no socket: it puts the fact on a :class:`queue.SimpleQueue`
+and writes one byte into the self-pipe. The server's thread drains the queue
+and publishes each fact as a :class:`~plateflow.engines.zmq.wire.FactEvent` in
+the order the engine pushed them, which keeps every submission's facts in
+order (Accepted, Started, Progress..., one terminal fact). SIGTERM/SIGINT only
+set a flag; :func:`signal.set_wakeup_fd` on the same pipe wakes the poller.
+The engine's coroutines are driven by a private event loop with
+``run_until_complete``: they do no real waiting, so a request is handled
+synchronously and replies go out in the order requests came in.
+
+The server adds a fixed number of threads whatever the load: its own thread,
+the engine's watcher thread and ZeroMQ's I/O thread.
+
+Every frame is validated (:func:`~plateflow.engines.zmq.wire.decode_request`)
+before anything acts on it; a bad frame gets an ``ok=false`` reply and changes
+nothing. libzmq itself drops (and disconnects the sender of) frames larger
+than ``MAXMSGSIZE``, set a little above ``max_message_bytes``, so a huge frame
+is never even buffered. Shutdown needs the token, compared in constant time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import math
+import os
+import queue
+import secrets
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Collection, Coroutine, Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any, Final, TypeVar, final
+
+import zmq
+from pydantic import JsonValue
+
+from plateflow.core.facts import Fact
+from plateflow.engines.base import EngineError, Submission
+from plateflow.engines.local import LocalEngine
+from plateflow.engines.zmq import rundir
+from plateflow.engines.zmq.rundir import ServerRecord
+from plateflow.engines.zmq.wire import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
+    CancelRequest,
+    CompileRequest,
+    ExecuteRequest,
+    FactEvent,
+    HeartbeatEvent,
+    PingRequest,
+    Reply,
+    Request,
+    ServerInfoRequest,
+    ShutdownRequest,
+    StatusRequest,
+    WireError,
+    WireSubmission,
+    decode_request,
+    encode,
+)
+from plateflow.errors import UsageError
+from plateflow.pipeline.run import DEFAULT_ALLOWED_MODULES
+
+__all__ = ["DEFAULT_ALLOWED_MODULES", "ExecutionServer", "ServerRecord"]
+
+_log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+PUB_SNDHWM: Final = 10_000
+"""Events queued per subscriber before PUB drops; a client repairs a gap with ``status``."""
+MAXMSGSIZE_MARGIN: Final = 64 * 1024
+"""libzmq drops frames this much above ``max_message_bytes``; between the two, an error reply."""
+_BATCH: Final = 256
+"""Requests handled per wake-up before events and heartbeats get their turn."""
+_LINGER_MS: Final = 1_000
+"""How long closing sockets may spend delivering the last replies and events."""
+_IPC_PATH_MAX: Final = 100
+"""A little under the ``sun_path`` limit of Unix sockets (108 bytes on Linux)."""
+
+
+def _submission(wire_submission: WireSubmission) -> Submission:
+    return Submission(
+        plate_id=wire_submission.plate_id,
+        phase=wire_submission.phase,
+        submission_id=wire_submission.submission_id,
+    )
+
+
+@final
+class ExecutionServer:
+    """Serve a :class:`LocalEngine` over ZeroMQ until shut down.
+
+    By default binds IPC sockets inside the private ``runtime_dir`` (default
+    :func:`rundir.default_runtime_dir`); with ``tcp_port`` binds TCP on
+    127.0.0.1 only: control on ``tcp_port`` and events on ``tcp_port + 1``, or
+    both on ports the OS picks when ``tcp_port`` is 0. The runtime dir holds
+    ``server.lock`` (one live server per dir), ``token`` and ``server.json``
+    either way. ``max_workers``, ``allowed_modules``, ``output_dir`` and
+    ``cancel_grace`` go to the :class:`LocalEngine`. A heartbeat is published
+    every ``heartbeat_interval`` seconds.
+    """
+
+    def __init__(
+        self,
+        runtime_dir: Path | None = None,
+        *,
+        tcp_port: int | None = None,
+        max_workers: int | None = None,
+        allowed_modules: Collection[str] = DEFAULT_ALLOWED_MODULES,
+        output_dir: str | None = None,
+        heartbeat_interval: float = 0.5,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        cancel_grace: float = 2.0,
+    ) -> None:
+        if tcp_port is not None and not 0 <= tcp_port <= 65534:
+            raise UsageError(f"tcp_port must be within 0..65534, got {tcp_port}")
+        if max_workers is not None and max_workers < 1:
+            raise UsageError(f"max_workers must be at least 1, got {max_workers}")
+        if not (math.isfinite(heartbeat_interval) and heartbeat_interval > 0):
+            raise UsageError(
+                f"heartbeat_interval must be a positive number of seconds, got {heartbeat_interval}"
+            )
+        if max_message_bytes < 1024:
+            raise UsageError(f"max_message_bytes must be at least 1024, got {max_message_bytes}")
+        if not (math.isfinite(cancel_grace) and cancel_grace > 0):
+            raise UsageError(
+                f"cancel_grace must be a positive number of seconds, got {cancel_grace}"
+            )
+        self._runtime_dir = Path(runtime_dir) if runtime_dir else rundir.default_runtime_dir()
+        self._tcp_port = tcp_port
+        self._max_workers = max_workers
+        self._allowed_modules = tuple(allowed_modules)
+        self._output_dir = output_dir
+        self._heartbeat_interval = float(heartbeat_interval)
+        self._max_message_bytes = int(max_message_bytes)
+        self._cancel_grace = float(cancel_grace)
+
+        self.server_id = uuid.uuid4().hex
+        """New on every start (every :class:`ExecutionServer`); clients see a restart by it."""
+        self._seq = 0
+        """The seq of the next event."""
+        self._started = time.monotonic()
+        self._token = ""
+        self._record: ServerRecord | None = None
+
+        self._facts: queue.SimpleQueue[Fact] = queue.SimpleQueue()
+        self._wake_r = -1
+        self._wake_w = -1
+        self._stop = threading.Event()
+        self._stop_reason = ""
+        self._running = False
+
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._engine: LocalEngine | None = None
+        self._router: zmq.Socket[bytes] | None = None
+        self._pub: zmq.Socket[bytes] | None = None
+
+    # --- public --------------------------------------------------------------------
+
+    @property
+    def runtime_dir(self) -> Path:
+        return self._runtime_dir
+
+    @property
+    def record(self) -> ServerRecord | None:
+        """What ``server.json`` says, once the server is listening."""
+        return self._record
+
+    def stop(self, reason: str = "stop requested") -> None:
+        """Ask :meth:`run` to shut down cleanly. Thread-safe, idempotent, never blocks."""
+        if not self._stop.is_set():
+            self._stop_reason = reason
+            self._stop.set()
+        self._wake()
+
+    def run(self, on_ready: Callable[[ServerRecord], None] | None = None) -> None:
+        """Bind, write ``token`` and ``server.json``, serve until stopped, then clean up.
+
+        ``on_ready`` is called with the record once clients can connect.
+        Raises :class:`UsageError` when the runtime dir is unusable or another
+        live server holds it. SIGTERM and SIGINT stop the server cleanly when
+        ``run`` is called from the main thread.
+        """
+        if self._running:
+            raise UsageError("this ExecutionServer is already running")
+        self._running = True
+        directory = rundir.ensure_private_dir(self._runtime_dir)
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(
+                    rundir.exclusive_lock(directory / "server.lock", blocking=False)
+                )
+            except BlockingIOError:
+                other = rundir.read_record(directory)
+                who = f" (pid {other.pid})" if other is not None else ""
+                raise UsageError(
+                    f"another plateflow server{who} is already running in {directory}"
+                ) from None
+            self._wake_r, self._wake_w = os.pipe()
+            os.set_blocking(self._wake_r, False)
+            os.set_blocking(self._wake_w, False)
+            stack.callback(self._close_pipe)
+            stack.enter_context(self._signals())
+            context = zmq.Context()
+            stack.callback(context.term)
+            stack.callback(self._remove_files, directory)
+            self._bind(context, directory)
+            self._loop = asyncio.new_event_loop()
+            stack.callback(self._close_loop)
+            engine = LocalEngine(
+                max_workers=self._max_workers,
+                allowed_modules=self._allowed_modules,
+                output_dir=self._output_dir,
+                cancel_grace=self._cancel_grace,
+            )
+            self._await(engine.start(self._sink))
+            self._engine = engine
+            stack.callback(self._close_engine)
+            self._token = secrets.token_urlsafe(32)
+            rundir.write_private(directory / "token", self._token + "\n")
+            assert self._router is not None
+            assert self._pub is not None
+            self._record = ServerRecord(
+                server_id=self.server_id,
+                pid=os.getpid(),
+                control=self._endpoint(self._router),
+                events=self._endpoint(self._pub),
+                protocol=PROTOCOL_VERSION,
+                heartbeat_interval=self._heartbeat_interval,
+                started_at=time.time(),
+            )
+            rundir.write_record(directory, self._record)
+            self._started = time.monotonic()
+            _log.info("serving %s in %s", self.server_id, directory)
+            if on_ready is not None:
+                on_ready(self._record)
+            self._serve()
+            _log.info("stopping: %s", self._stop_reason)
+            # Say we are going before the (possibly slow) engine close.
+            with contextlib.suppress(FileNotFoundError):
+                (directory / "server.json").unlink()
+
+    def __repr__(self) -> str:
+        state = "running" if self._running and not self._stop.is_set() else "idle"
+        return (
+            f"<ExecutionServer {state} id={self.server_id} dir={self._runtime_dir} seq={self._seq}>"
+        )
+
+    # --- startup and cleanup ---------------------------------------------------------
+
+    def _bind(self, context: zmq.Context[zmq.Socket[bytes]], directory: Path) -> None:
+        router = context.socket(zmq.ROUTER)
+        pub = context.socket(zmq.PUB)
+        for sock in (router, pub):
+            sock.setsockopt(zmq.LINGER, _LINGER_MS)
+        router.setsockopt(zmq.MAXMSGSIZE, self._max_message_bytes + MAXMSGSIZE_MARGIN)
+        pub.setsockopt(zmq.SNDHWM, PUB_SNDHWM)
+        self._router, self._pub = router, pub
+        if self._tcp_port is None:
+            endpoints = [directory / "control.sock", directory / "events.sock"]
+            for path in endpoints:
+                if len(str(path)) > _IPC_PATH_MAX:
+                    raise UsageError(
+                        f"runtime dir {directory} is too long a path for a Unix socket "
+                        f"({len(str(path))} > {_IPC_PATH_MAX} bytes); choose a shorter one "
+                        "or use TCP"
+                    )
+                # We hold server.lock, so a socket file left here is a dead server's.
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            addresses = [f"ipc://{path}" for path in endpoints]
+        elif self._tcp_port == 0:
+            addresses = ["tcp://127.0.0.1:0", "tcp://127.0.0.1:0"]
+        else:
+            addresses = [
+                f"tcp://127.0.0.1:{self._tcp_port}",
+                f"tcp://127.0.0.1:{self._tcp_port + 1}",
+            ]
+        for sock, address in zip((router, pub), addresses, strict=True):
+            try:
+                sock.bind(address)
+            except zmq.ZMQError as exc:
+                raise UsageError(f"cannot listen on {address}: {exc}") from exc
+            if address.startswith("ipc://"):
+                os.chmod(address.removeprefix("ipc://"), 0o600)  # the dir is 0700 already
+
+    @staticmethod
+    def _endpoint(sock: zmq.Socket[bytes]) -> str:
+        endpoint = sock.getsockopt(zmq.LAST_ENDPOINT)
+        return endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)
+
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handle(signum: int, frame: FrameType | None) -> None:
+            self.stop(signal.Signals(signum).name)
+
+        previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        try:
+            yield
+        finally:
+            signal.set_wakeup_fd(previous_fd)
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def _close_engine(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is None:
+            return
+        try:
+            self._await(engine.close())
+        except Exception:
+            _log.exception("closing the local engine failed")
+        self._flush_facts()  # the Cancelled facts of whatever was still running
+
+    def _close_loop(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
+
+    def _remove_files(self, directory: Path) -> None:
+        for sock in (self._router, self._pub):
+            if sock is not None:
+                sock.close()
+        self._router = self._pub = None
+        names = ["server.json", "token"]
+        if self._tcp_port is None:
+            names += ["control.sock", "events.sock"]
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                (directory / name).unlink()
+
+    def _close_pipe(self) -> None:
+        wake_r, wake_w = self._wake_r, self._wake_w
+        self._wake_r = self._wake_w = -1
+        for fd in (wake_r, wake_w):
+            if fd >= 0:
+                os.close(fd)
+
+    def _await(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        assert self._loop is not None
+        return self._loop.run_until_complete(coro)
+
+    # --- the loop -------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        router = self._router
+        assert router is not None
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        next_beat = time.monotonic()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_beat:
+                self._flush_facts()
+                self._publish(
+                    HeartbeatEvent(
+                        server_id=self.server_id,
+                        seq=self._seq,
+                        interval=self._heartbeat_interval,
+                    )
+                )
+                next_beat += self._heartbeat_interval
+                if next_beat <= now:  # we fell behind; do not send a burst
+                    next_beat = now + self._heartbeat_interval
+            timeout_ms = max(0, math.ceil((next_beat - time.monotonic()) * 1000))
+            ready = dict(poller.poll(timeout_ms))
+            if self._wake_r in ready:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(self._wake_r, 4096):
+                        pass
+            if router in ready:
+                for _ in range(_BATCH):
+                    try:
+                        frames = router.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._on_message(frames)
+                    self._flush_facts()
+                    if self._stop.is_set():
+                        break
+            self._flush_facts()
+
+    def _sink(self, fact: Fact) -> None:
+        """The engine's fact sink: any thread, never blocks, touches no socket."""
+        self._facts.put(fact)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._wake_w < 0:
+            return
+        with contextlib.suppress(OSError):  # a full pipe is already a wake-up
+            os.write(self._wake_w, b"!")
+
+    def _flush_facts(self) -> None:
+        while True:
+            try:
+                fact = self._facts.get_nowait()
+            except queue.Empty:
+                return
+            self._publish(FactEvent(server_id=self.server_id, seq=self._seq, fact=fact))
+
+    def _publish(self, event: FactEvent | HeartbeatEvent) -> None:
+        self._seq += 1  # a dropped event still uses its seq: that is how clients see the gap
+        if self._pub is None:
+            return
+        try:
+            self._pub.send(encode(event), zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            _log.warning("dropped event %s: %s", event.seq, exc)
+
+    # --- requests -------------------------------------------------------------------
+
+    def _on_message(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            return  # a ROUTER always prepends the peer's identity; nothing to answer
+        identity, body = frames[0], frames[1:]
+        if len(body) == 2 and body[0] == b"":
+            envelope = [identity, b""]  # a REQ client's delimiter: answer the same way
+            body = body[1:]
+        else:
+            envelope = [identity]
+        if len(body) != 1:
+            reply = Reply(
+                id=None, ok=False, error=f"expected one frame per request, got {len(body)}"
+            )
+        else:
+            reply = self._answer(body[0])
+        assert self._router is not None
+        try:
+            self._router.send_multipart([*envelope, encode(reply)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # the peer is gone or not reading
+            _log.info("could not reply to %s: %s", reply.id, exc)
+
+    def _answer(self, frame: bytes) -> Reply:
+        try:
+            request = decode_request(frame, max_bytes=self._max_message_bytes)
+        except WireError as exc:
+            return Reply(id=exc.request_id, ok=False, error=str(exc))
+        try:
+            return self._handle(request)
+        except EngineError as exc:
+            return Reply(id=request.id, ok=False, error=str(exc))
+        except Exception as exc:
+            _log.exception("request %s (%s) failed", request.id, request.type)
+            return Reply(
+                id=request.id,
+                ok=False,
+                error=f"internal server error: {type(exc).__name__}: {exc}",
+            )
+
+    def _handle(self, request: Request) -> Reply:
+        engine = self._engine
+        assert engine is not None
+        if isinstance(request, PingRequest):
+            return Reply(
+                id=request.id,
+                ok=True,
+                result={"server_id": self.server_id, "protocol": PROTOCOL_VERSION},
+            )
+        if isinstance(request, CompileRequest):
+            self._await(engine.submit_compile(request.job_id, request.job))
+            return Reply(id=request.id, ok=True)
+        if isinstance(request, ExecuteRequest):
+            self._await(
+                engine.submit_execution(request.execution_id, request.job, request.artifact_id)
+            )
+            return Reply(id=request.id, ok=True)
+        if isinstance(request, StatusRequest):
+            facts = self._await(engine.status([_submission(s) for s in request.submissions]))
+            return Reply(id=request.id, ok=True, facts=tuple(facts))
+        if isinstance(request, CancelRequest):
+            self._await(engine.cancel(_submission(request.submission)))
+            return Reply(id=request.id, ok=True)
+        if isinstance(request, ServerInfoRequest):
+            info = self._await(engine.server_info())
+            info.update(self._info())
+            return Reply(id=request.id, ok=True, result=info)
+        if isinstance(request, ShutdownRequest):
+            if not hmac.compare_digest(request.token.encode(), self._token.encode()):
+                return Reply(id=request.id, ok=False, error="wrong token")
+            self.stop("shutdown requested")
+            return Reply(id=request.id, ok=True)
+        raise AssertionError(f"unhandled request {request!r}")  # pragma: no cover
+
+    def _info(self) -> dict[str, JsonValue]:
+        record = self._record
+        return {
+            "server_id": self.server_id,
+            "seq": self._seq - 1,
+            "pid": os.getpid(),
+            "protocol": PROTOCOL_VERSION,
+            "uptime": round(time.monotonic() - self._started, 3),
+            "heartbeat_interval": self._heartbeat_interval,
+            "control": record.control if record else None,
+            "events": record.events if record else None,
+            "runtime_dir": str(self._runtime_dir),
+        }
