@@ -16,6 +16,7 @@ engine's acknowledgement can still be matched to its plate.
 from __future__ import annotations
 
 import itertools
+import uuid
 from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, JsonValue, TypeAdapter
@@ -44,10 +45,13 @@ __all__ = [
 ]
 
 _stimulus_counter = itertools.count(1)
+# A per-process prefix: facts made by a server process and by its client never
+# share a stimulus id, so a journal entry traces back to exactly one fact.
+_stimulus_prefix = uuid.uuid4().hex[:6]
 
 
 def _next_stimulus_id() -> str:
-    return f"s{next(_stimulus_counter)}"
+    return f"s{_stimulus_prefix}.{next(_stimulus_counter)}"
 
 
 # Facts are pydantic dataclasses: validated on construction like models, but

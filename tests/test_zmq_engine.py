@@ -1,0 +1,1065 @@
+"""The ZeroMQ engine against real ``plateflow serve`` processes and a scripted fake server.
+
+Every wait is bounded (``until`` polls a predicate with a deadline; whole
+scenarios run under ``asyncio.wait_for``). Every server process a test starts
+is stopped by it: engines close in ``finally``, servers started directly are
+terminated by the ``serve`` context manager, and the ``rdir`` fixture kills
+(and reports) any ``plateflow serve`` left running in its runtime dir.
+Runtime dirs are short paths under the temp dir, because Unix socket paths
+are limited to about 100 bytes and pytest's ``tmp_path`` can be longer.
+
+The fake server (a ROUTER and a PUB in a thread of the test process, holding
+``server.lock`` like a real one) makes the protocol cases deterministic:
+sequence gaps, a replaced server, heartbeats that stop, refusals, requests
+that are never answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import zmq
+from pydantic import JsonValue
+
+from plateflow.core import BatchState, BatchSummary, PlateOutcome, PlateState, Reason
+from plateflow.core.facts import (
+    CompileRejected,
+    CompileSucceeded,
+    EngineLost,
+    ExecutionAccepted,
+    ExecutionCancelled,
+    ExecutionProgress,
+    ExecutionRejected,
+    ExecutionStarted,
+    ExecutionSucceeded,
+    Fact,
+)
+from plateflow.engines.base import Engine, EngineError, FactSink, Submission
+from plateflow.engines.zmq import rundir
+from plateflow.engines.zmq.engine import POLL_TICK, ZmqEngine
+from plateflow.engines.zmq.rundir import ServerRecord
+from plateflow.engines.zmq.wire import (
+    FactEvent,
+    HeartbeatEvent,
+    Reply,
+    Request,
+    decode_request,
+    encode,
+)
+from plateflow.examples.platereader import GeneratedPlate, demo_pipeline, generate_plates
+from plateflow.host import BaseBatchHost
+from plateflow.jobs import CompileJob
+from plateflow.pipeline.spec import PipelineSpec, StepSpec
+from plateflow.service import BatchWorkflowService, Plate
+
+T = TypeVar("T")
+TIMEOUT = 30.0
+"""The bound of every single wait; scenarios as a whole get ``2 * TIMEOUT``."""
+TESTS_DIR = Path(__file__).resolve().parent
+FAST = ("--heartbeat", "0.2")
+"""Server heartbeats every 0.2 s, so a 1 s heartbeat timeout detects loss quickly."""
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def run(coro: Awaitable[T]) -> T:
+    async def bounded() -> T:
+        return await asyncio.wait_for(coro, 2 * TIMEOUT)
+
+    return asyncio.run(bounded())
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def _sid(fact: Fact) -> str | None:
+    return getattr(fact, "execution_id", None) or getattr(fact, "job_id", None)
+
+
+class Facts:
+    """A thread-safe sink that keeps every fact with the time it arrived."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._facts: list[tuple[float, Fact]] = []
+
+    def __call__(self, fact: Fact) -> None:
+        with self._lock:
+            self._facts.append((time.monotonic(), fact))
+
+    @property
+    def all(self) -> list[Fact]:
+        with self._lock:
+            return [f for _, f in self._facts]
+
+    def of(self, sid: str) -> list[Fact]:
+        return [f for f in self.all if _sid(f) == sid]
+
+    def kinds(self, sid: str) -> list[str]:
+        return [f.kind for f in self.of(sid)]
+
+    def lost(self) -> list[tuple[float, EngineLost]]:
+        with self._lock:
+            return [(t, f) for t, f in self._facts if isinstance(f, EngineLost)]
+
+    async def wait(self, sid: str, kind: type[Any]) -> Any:
+        await until(lambda: any(isinstance(f, kind) for f in self.of(sid)), f"{kind} for {sid}")
+        return next(f for f in self.of(sid) if isinstance(f, kind))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def server_pids(directory: Path) -> list[int]:
+    """Live ``plateflow serve`` processes whose runtime dir is ``directory``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                args = handle.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "serve" in args and "--runtime-dir" in args:
+            where = args[args.index("--runtime-dir") + 1 :][:1]
+            if where == [str(directory)] and pid_alive(int(entry)):
+                found.append(int(entry))
+    return found
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8") as stat:
+                ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def kill_quietly(pids: Sequence[int] | set[int]) -> None:
+    for pid in pids:
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+
+
+@pytest.fixture
+def rdir() -> Iterator[Path]:
+    """A fresh, short, private runtime dir; any server left in it is killed and reported."""
+    path = Path(tempfile.mkdtemp(prefix="pfz-"))
+    try:
+        yield path
+    finally:
+        leftovers = server_pids(path)
+        kill_quietly(leftovers)
+        shutil.rmtree(path, ignore_errors=True)
+        assert not leftovers, f"the test left plateflow servers running: {leftovers}"
+
+
+@pytest.fixture
+def plates(tmp_path: Path) -> list[GeneratedPlate]:
+    return generate_plates(tmp_path / "plates", 4, seed=3, wells=96)
+
+
+def compile_job(plate: GeneratedPlate, pipeline: PipelineSpec | None = None) -> CompileJob:
+    return CompileJob(
+        plate_id=plate.plate_id, plate_path=str(plate.path), pipeline=pipeline or demo_pipeline()
+    )
+
+
+def engine_for(directory: Path, tmp_path: Path, *args: str, **options: Any) -> ZmqEngine:
+    options.setdefault("heartbeat_timeout", 1.0)
+    server_args = (*FAST, "--output-dir", str(tmp_path / "out"), *args)
+    return ZmqEngine(directory, server_args=server_args, **options)
+
+
+@contextlib.contextmanager
+def serve(directory: Path, tmp_path: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A server started directly (not by an engine); stopped on exit whatever happened."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "plateflow",
+            "serve",
+            "--runtime-dir",
+            str(directory),
+            *FAST,
+            "--output-dir",
+            str(tmp_path / "out"),
+            *args,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (
+            (record := rundir.read_record(directory)) is not None and record.pid == process.pid
+        ):
+            assert process.poll() is None, f"the server exited with {process.returncode}"
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        yield process
+    finally:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
+                process.send_signal(signal.SIGCONT)
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+
+
+async def compile_ok(engine: Engine, facts: Facts, job: CompileJob, job_id: str) -> str:
+    await engine.submit_compile(job_id, job)
+    fact = await facts.wait(job_id, CompileSucceeded)
+    assert isinstance(fact, CompileSucceeded)
+    return fact.artifact_id
+
+
+async def first_event(engine: ZmqEngine) -> None:
+    """The SUB is subscribed once an event arrived; from then on no event is missed."""
+    await until(lambda: engine.statistics().events > 0, "the first event")
+
+
+class Spy(Engine):
+    """Any engine, with a copy of every fact it pushes (and when) kept for the test."""
+
+    def __init__(self, inner: Engine) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.facts = Facts()
+
+    async def start(self, sink: FactSink) -> None:
+        def both(fact: Fact) -> None:
+            self.facts(fact)
+            sink(fact)
+
+        await self.inner.start(both)
+
+    async def submit_compile(self, job_id: str, job: CompileJob) -> None:
+        await self.inner.submit_compile(job_id, job)
+
+    async def submit_execution(self, execution_id: str, job: CompileJob, artifact_id: str) -> None:
+        await self.inner.submit_execution(execution_id, job, artifact_id)
+
+    async def cancel(self, submission: Submission) -> None:
+        await self.inner.cancel(submission)
+
+    async def status(self, submissions: Sequence[Submission]) -> list[Fact]:
+        return await self.inner.status(submissions)
+
+    async def server_info(self) -> dict[str, JsonValue]:
+        return await self.inner.server_info()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+class Host(BaseBatchHost):
+    """Records the callbacks the convergence guarantees are about."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+        self.completed: list[tuple[str, PlateOutcome, JsonValue]] = []
+        self.summaries: list[BatchSummary] = []
+        self.errors: list[tuple[str, str]] = []
+        self.on_state: Callable[[str, PlateState], None] | None = None
+
+    def emit_error(self, message: str, *, code: str = "", plate_id: str | None = None) -> None:
+        self.errors.append((code, message))
+
+    def emit_orchestrator_state(self, plate_id: str, state: PlateState) -> None:
+        if self.on_state is not None:
+            self.on_state(plate_id, state)
+
+    def emit_execution_complete(self, summary: BatchSummary) -> None:
+        self.names.append("emit_execution_complete")
+
+    def on_plate_completed(self, plate_id: str, outcome: PlateOutcome, result: JsonValue) -> None:
+        self.names.append("on_plate_completed")
+        self.completed.append((plate_id, outcome, result))
+
+    def on_all_plates_completed(self, summary: BatchSummary) -> None:
+        self.names.append("on_all_plates_completed")
+        self.summaries.append(summary)
+
+    def check_convergence(self, plate_ids: list[str]) -> BatchSummary:
+        """C2 and C3 as the host sees them; returns the one summary."""
+        assert sorted(p for p, _, _ in self.completed) == sorted(plate_ids), "C2"
+        assert self.names.count("on_all_plates_completed") == 1, "C3"
+        assert self.names.count("emit_execution_complete") == 1, "C3"
+        last_plate = max(i for i, n in enumerate(self.names) if n == "on_plate_completed")
+        assert self.names.index("on_all_plates_completed") > last_plate, "C3: after every plate"
+        return self.summaries[0]
+
+
+def selection(generated: Sequence[GeneratedPlate]) -> list[Plate]:
+    return [Plate(g.plate_id, str(g.path)) for g in generated]
+
+
+# --- a real server: start, attach, run ----------------------------------------------------
+
+
+def test_an_engine_starts_its_own_server_runs_a_pipeline_and_stops_the_server(
+    rdir: Path, tmp_path: Path, plates: list[GeneratedPlate]
+) -> None:
+    facts = Facts()
+    engine = engine_for(rdir, tmp_path)
+
+    async def scenario() -> int:
+        await engine.start(facts)
+        try:
+            assert engine.started_server
+            record = engine.record
+            assert record is not None
+            assert server_pids(rdir) == [record.pid]
+            io_threads = [t for t in threading.enumerate() if t.name.startswith("plateflow-zmq")]
+            assert len(io_threads) == 1, "one client I/O thread"
+            await first_event(engine)
+            job = compile_job(plates[0])
+            artifact = await compile_ok(engine, facts, job, "c1")
+            await engine.submit_execution("x1", job, artifact)
+            done = await facts.wait("x1", ExecutionSucceeded)
+            assert done.result["plate_id"] == plates[0].plate_id
+            assert {h["well"] for h in done.result["hits"]} >= set(plates[0].planted_hits)
+            assert Path(str(done.result["report"])).is_file()
+            info = await engine.server_info()
+            assert info["engine"] == "zmq"
+            assert info["server_id"] == record.server_id
+            assert info["attached"] is False
+            assert engine.statistics().outstanding == 0
+            return record.pid
+        finally:
+            await engine.close()
+
+    pid = run(scenario())
+    assert facts.kinds("c1") == ["compile_accepted", "compile_succeeded"]
+    kinds = facts.kinds("x1")
+    assert kinds[:2] == ["execution_accepted", "execution_started"]
+    assert kinds[-1] == "execution_succeeded"
+    assert set(kinds[2:-1]) == {"execution_progress"}
+    progress = [f for f in facts.of("x1") if isinstance(f, ExecutionProgress)]
+    assert [p.done for p in progress] == sorted(p.done for p in progress)
+    assert not facts.lost(), "closing the engine is not a lost engine"
+    # close() shut down the server it started: process reaped, record removed.
+    assert not pid_alive(pid)
+    assert not (rdir / "server.json").exists()
+    assert not rundir.server_alive(rdir)
+    with pytest.raises(EngineError, match="closed"):
+        run(engine.server_info())
+    run(engine.close())  # idempotent
+
+
+def test_two_engines_started_at_once_share_one_server_and_only_its_starter_stops_it(
+    rdir: Path, tmp_path: Path
+) -> None:
+    first, second = engine_for(rdir, tmp_path), engine_for(rdir, tmp_path)
+
+    async def scenario() -> None:
+        try:
+            await asyncio.gather(first.start(Facts()), second.start(Facts()))
+            starters = [e for e in (first, second) if e.started_server]
+            assert len(starters) == 1, "the start lock lets exactly one engine start a server"
+            (starter,) = starters
+            attached = second if starter is first else first
+            assert starter.record is not None
+            assert attached.record is not None
+            assert attached.record.server_id == starter.record.server_id
+            assert server_pids(rdir) == [starter.record.pid]
+            await attached.close()
+            assert rundir.server_alive(rdir), "closing an attached engine leaves the server"
+            assert pid_alive(starter.record.pid)
+            info = await starter.server_info()
+            assert info["server_id"] == starter.record.server_id
+            await starter.close()
+            assert server_pids(rdir) == []
+            assert not rundir.server_alive(rdir)
+        finally:
+            await first.close()
+            await second.close()
+
+    run(scenario())
+
+
+def test_a_start_cancelled_midway_leaves_no_server_behind(rdir: Path, tmp_path: Path) -> None:
+    engine = engine_for(rdir, tmp_path)
+
+    async def scenario() -> None:
+        starting = asyncio.ensure_future(engine.start(Facts()))
+        await until(lambda: server_pids(rdir) != [], "the server process to be spawned")
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        with pytest.raises(EngineError, match="closed"):
+            await engine.server_info()
+        await engine.close()
+
+    run(scenario())
+    assert server_pids(rdir) == []
+
+
+def test_the_seeds_run_flow_through_the_service(
+    rdir: Path, tmp_path: Path, plates: list[GeneratedPlate]
+) -> None:
+    host = Host()
+    engine = engine_for(rdir, tmp_path, "--workers", "2")
+
+    async def scenario() -> BatchSummary:
+        service = BatchWorkflowService(host, engine, status_interval=0.2)
+        try:
+            return await service.run_plates(selection(plates), pipeline=demo_pipeline())
+        finally:
+            await service.close()
+
+    summary = run(scenario())
+    ids = [p.plate_id for p in plates]
+    assert summary.outcome is BatchState.COMPLETED
+    assert summary.counts == {PlateOutcome.COMPLETED: 4}
+    assert host.check_convergence(ids) == summary
+    assert sorted(host.plate_execution_ids) == sorted(ids)
+    assert set(host.plate_execution_states.values()) == {PlateState.COMPLETED}
+    for plate_id, _, result in host.completed:
+        assert isinstance(result, dict)
+        assert result["plate_id"] == plate_id
+    assert host.errors == []
+    assert server_pids(rdir) == [], "the service closed the engine, which stopped its server"
+
+
+# --- faults ------------------------------------------------------------------------------
+
+
+def _lost_run(
+    host: Host,
+    spy: Spy,
+    plates: list[GeneratedPlate],
+    fault: Callable[[], None],
+) -> tuple[BatchSummary, float]:
+    """Run a slow batch, apply ``fault`` once every plate executes; when was it applied."""
+    applied: list[float] = []
+
+    async def scenario() -> BatchSummary:
+        service = BatchWorkflowService(host, spy, status_interval=0.2)
+        executing: set[str] = set()
+
+        def on_state(plate_id: str, state: PlateState) -> None:
+            if state is PlateState.EXECUTING:
+                executing.add(plate_id)
+                if len(executing) == len(plates) and not applied:
+                    fault()
+                    applied.append(time.monotonic())
+
+        host.on_state = on_state
+        try:
+            return await service.run_plates(
+                selection(plates), pipeline=demo_pipeline(pause_seconds=30.0)
+            )
+        finally:
+            await service.close()
+
+    summary = run(scenario())
+    assert applied, "the fault was never applied"
+    return summary, applied[0]
+
+
+def _check_lost(host: Host, spy: Spy, summary: BatchSummary, applied: float, bound: float) -> None:
+    (lost,) = spy.facts.lost()  # exactly once
+    assert lost[0] - applied <= bound, f"EngineLost after {lost[0] - applied:.2f} s > {bound} s"
+    assert summary.outcome is BatchState.FAILED
+    assert {(s.outcome, s.reason) for s in summary.plates} == {
+        (PlateOutcome.FAILED, Reason.ENGINE_LOST)
+    }
+    host.check_convergence([s.plate_id for s in summary.plates])
+
+
+def test_a_server_killed_mid_batch_fails_every_plate_engine_lost_within_the_heartbeat_bound(
+    rdir: Path, tmp_path: Path, plates: list[GeneratedPlate]
+) -> None:
+    """An attached server (not our child): only the missing heartbeats can tell."""
+    host = Host()
+    with serve(rdir, tmp_path, "--workers", "4") as server:
+        engine = ZmqEngine(rdir, start_server=False, heartbeat_timeout=1.0)
+        spy = Spy(engine)
+        doomed: set[int] = set()
+
+        def kill() -> None:
+            doomed.update(descendants(server.pid))
+            os.kill(server.pid, signal.SIGKILL)
+
+        summary, applied = _lost_run(host, spy, plates, kill)
+        assert doomed, "the server had worker processes when it was killed"
+        # The heartbeat bound: timeout + one poll tick; the margin is for a loaded machine.
+        _check_lost(host, spy, summary, applied, 1.0 + POLL_TICK + 0.5)
+        assert "dead or frozen" in spy.facts.lost()[0][1].reason
+        assert engine.statistics().broken is not None
+        with pytest.raises(EngineError, match="closed"):  # the service closed it
+            run(engine.server_info())
+        server.wait(TIMEOUT)
+    deadline = time.monotonic() + 10
+    while (left := {p for p in doomed if pid_alive(p)}) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    kill_quietly(left)
+    assert not left, f"the killed server's workers outlived it: {left}"
+
+
+def test_a_frozen_server_sigstop_is_lost_too_and_close_still_reaps_it(
+    rdir: Path, tmp_path: Path, plates: list[GeneratedPlate]
+) -> None:
+    """Our own server, stopped: its process is alive, only the heartbeats can tell."""
+    host = Host()
+    engine = engine_for(rdir, tmp_path, "--workers", "4")
+    spy = Spy(engine)
+    stopped: list[int] = []
+
+    def freeze() -> None:
+        record = engine.record
+        assert record is not None
+        stopped.append(record.pid)
+        os.kill(record.pid, signal.SIGSTOP)
+
+    try:
+        summary, applied = _lost_run(host, spy, plates, freeze)
+        _check_lost(host, spy, summary, applied, 1.0 + POLL_TICK + 0.5)
+        assert "dead or frozen" in spy.facts.lost()[0][1].reason
+    finally:
+        for pid in stopped:  # even if the service did not close the engine
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        run(engine.close())
+    (pid,) = stopped
+    assert not pid_alive(pid), "close() terminated the frozen server it had started"
+    assert server_pids(rdir) == []
+
+
+def test_cancel_stops_only_that_execution_and_a_cancel_after_completion_is_silent(
+    rdir: Path, tmp_path: Path, plates: list[GeneratedPlate]
+) -> None:
+    facts = Facts()
+    engine = engine_for(rdir, tmp_path, "--workers", "3")
+
+    async def scenario() -> None:
+        await engine.start(facts)
+        try:
+            await first_event(engine)
+            slow = demo_pipeline(pause_seconds=1.0)
+            jobs = [compile_job(p, slow) for p in plates[:3]]
+            artifact = await compile_ok(engine, facts, jobs[0], "c0")
+            for i, job in enumerate(jobs):
+                await engine.submit_execution(f"x{i}", job, artifact)
+            await facts.wait("x1", ExecutionStarted)
+            await engine.cancel(Submission(jobs[1].plate_id, "execute", "x1"))
+            await facts.wait("x1", ExecutionCancelled)
+            await facts.wait("x0", ExecutionSucceeded)
+            await facts.wait("x2", ExecutionSucceeded)
+            before = len(facts.all)
+            await engine.cancel(Submission(jobs[0].plate_id, "execute", "x0"))
+            await asyncio.sleep(0.5)
+            assert len(facts.all) == before, "cancelling a finished execution pushes nothing"
+        finally:
+            await engine.close()
+
+    run(scenario())
+    terminal = {sid: facts.kinds(sid)[-1] for sid in ("x0", "x1", "x2")}
+    assert terminal == {
+        "x0": "execution_succeeded",
+        "x1": "execution_cancelled",
+        "x2": "execution_succeeded",
+    }
+    assert facts.kinds("x1").count("execution_cancelled") == 1
+
+
+def test_cancels_racing_completions_report_each_plate_exactly_once(
+    rdir: Path, tmp_path: Path
+) -> None:
+    many = generate_plates(tmp_path / "plates", 6, seed=5, wells=96)
+    host = Host()
+    engine = engine_for(rdir, tmp_path, "--workers", "6")
+    # Each plate's cancel lands at a different point around its completion.
+    delays = dict(zip([g.plate_id for g in many], [0.0, 0.2, 0.3, 0.35, 0.4, 0.6], strict=True))
+
+    async def scenario() -> BatchSummary:
+        service = BatchWorkflowService(host, engine, status_interval=0.2, cancel_grace=5.0)
+        loop = asyncio.get_running_loop()
+
+        def on_state(plate_id: str, state: PlateState) -> None:
+            if state is PlateState.EXECUTING:
+                loop.call_later(delays[plate_id], service.cancel, plate_id)
+
+        host.on_state = on_state
+        try:
+            return await service.run_plates(
+                selection(many), pipeline=demo_pipeline(pause_seconds=0.3)
+            )
+        finally:
+            await service.close()
+
+    summary = run(scenario())
+    host.check_convergence([g.plate_id for g in many])
+    outcomes = {s.outcome for s in summary.plates}
+    assert outcomes <= {PlateOutcome.COMPLETED, PlateOutcome.CANCELLED}
+    (first,) = [s for s in summary.plates if s.plate_id == many[0].plate_id]
+    assert first.outcome is PlateOutcome.CANCELLED, "a cancel at once beats a 0.3 s pause"
+
+
+def test_a_client_restarted_mid_batch_recovers_the_terminal_facts_by_status(
+    rdir: Path, tmp_path: Path, plates: list[GeneratedPlate]
+) -> None:
+    before, after = Facts(), Facts()
+    jobs = [compile_job(p, demo_pipeline(pause_seconds=1.0)) for p in plates[:2]]
+    submissions = [Submission(j.plate_id, "execute", f"x{i}") for i, j in enumerate(jobs)]
+
+    async def first_client() -> None:
+        a = ZmqEngine(rdir, start_server=False, heartbeat_timeout=1.0)
+        await a.start(before)
+        try:
+            assert not a.started_server
+            await first_event(a)
+            artifact = await compile_ok(a, before, jobs[0], "c0")
+            for s, job in zip(submissions, jobs, strict=True):
+                await a.submit_execution(s.submission_id, job, artifact)
+            for s in submissions:
+                await before.wait(s.submission_id, ExecutionStarted)
+        finally:
+            await a.close()  # the host "crashes" mid-batch: the executions keep running
+
+    async def second_client() -> list[Fact]:
+        b = ZmqEngine(rdir, start_server=False, heartbeat_timeout=1.0)
+        await b.start(after)
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while True:
+                facts = await b.status(submissions)
+                if all(isinstance(f, ExecutionSucceeded) for f in facts) and len(facts) == 2:
+                    return facts
+                assert time.monotonic() < deadline, f"never finished: {facts}"
+                await asyncio.sleep(0.1)
+        finally:
+            await b.close()
+
+    with serve(rdir, tmp_path, "--workers", "2") as server:
+        run(first_client())
+        assert all(not isinstance(f, ExecutionSucceeded) for f in before.all)
+        assert server.poll() is None, "closing an attached engine leaves the server running"
+        recovered = run(second_client())
+        assert server.poll() is None
+    assert {_sid(f) for f in recovered} == {"x0", "x1"}
+    for fact in recovered:
+        assert isinstance(fact, ExecutionSucceeded)
+        assert fact.result["plate_id"] == fact.plate_id
+
+
+def test_a_burst_beyond_the_pub_high_water_mark_loses_no_terminal_fact(
+    rdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's PUB queues 10 000 events per subscriber, then drops.
+
+    The client is made slow on purpose: its sink blocks on the execution's
+    first progress fact until the server reports the execution finished (asked
+    through a second, attached engine), so the burst of 15 000 progress facts
+    and the terminal fact overflow every queue. The next heartbeat shows the
+    gap and one status request recovers the terminal fact.
+    """
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))
+    )
+    facts = Facts()
+    release = threading.Event()
+
+    def slow_sink(fact: Fact) -> None:
+        if isinstance(fact, ExecutionProgress) and not release.is_set():
+            release.wait(TIMEOUT)
+        facts(fact)
+
+    engine = engine_for(rdir, tmp_path, "--allow", "steps_for_tests", heartbeat_timeout=TIMEOUT)
+    watcher = ZmqEngine(rdir, start_server=False)
+    pipeline = PipelineSpec(
+        name="burst",
+        steps=(
+            StepSpec(function="steps_for_tests:count", params={"n": 15_000}),
+            StepSpec(function="steps_for_tests:finish"),
+        ),
+    )
+    job = CompileJob(plate_id="p", plate_path="/nowhere", pipeline=pipeline)
+
+    async def scenario() -> None:
+        await engine.start(slow_sink)
+        try:
+            await watcher.start(Facts())
+            await first_event(engine)
+            artifact = await compile_ok(engine, facts, job, "c")
+            await engine.submit_execution("x", job, artifact)
+
+            async def finished() -> bool:
+                info = await watcher.server_info()
+                return info["running"] == 0 and info["queued"] == 0
+
+            deadline = time.monotonic() + TIMEOUT
+            await asyncio.sleep(0.2)
+            while not await finished():
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            published = (await watcher.server_info())["seq"]
+            release.set()
+            await facts.wait("x", ExecutionSucceeded)
+            stats = engine.statistics()
+            assert isinstance(published, int)
+            assert stats.events < published, "the burst overflowed the queues"
+            assert stats.gaps >= 1
+            assert stats.reconciliations >= 1
+            assert stats.reconciled_facts >= 1
+            assert stats.outstanding == 0
+        finally:
+            release.set()
+            await watcher.close()
+            await engine.close()
+
+    run(scenario())
+    assert facts.kinds("x").count("execution_succeeded") >= 1
+    assert not facts.lost()
+
+
+# --- a scripted fake server: the protocol cases, deterministically ---------------------------
+
+
+class FakeServer:
+    """A ROUTER and a PUB in a thread, holding ``server.lock`` like a real server."""
+
+    def __init__(self, directory: Path, heartbeat: float = 0.05) -> None:
+        self.directory = directory
+        self.server_id = "fake-one"
+        self.heartbeat = heartbeat
+        self.beating = threading.Event()
+        self.beating.set()
+        self.silent: set[str] = set()
+        """Request types never answered."""
+        self.refuse: dict[str, str] = {}
+        """Request types answered ``ok=false`` with this error."""
+        self.status_facts: dict[str, Fact] = {}
+        """What ``status`` says about a submission id (nothing when absent)."""
+        self._lock = threading.Lock()
+        self._requests: list[Request] = []
+        self._outbox: queue.SimpleQueue[tuple[Fact | None, int, str | None]] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._stack = contextlib.ExitStack()
+        self._thread = threading.Thread(target=self._run, name="fake-server", daemon=True)
+        self.seq = 0
+
+    def __enter__(self) -> FakeServer:
+        self._stack.enter_context(rundir.exclusive_lock(self.directory / "server.lock"))
+        self._thread.start()
+        assert self._ready.wait(TIMEOUT), "the fake server did not bind"
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(TIMEOUT)
+        self._stack.close()
+
+    def requests(self, kind: str) -> list[Request]:
+        with self._lock:
+            return [r for r in self._requests if r.type == kind]
+
+    def publish(self, fact: Fact, *, skip: int = 0) -> None:
+        """Publish a fact event; ``skip`` events are 'dropped' before it (a gap)."""
+        self._outbox.put((fact, skip, None))
+
+    def replace(self, server_id: str) -> None:
+        """Carry on as a new server (what a restart at the same endpoints looks like)."""
+        self._outbox.put((None, 0, server_id))
+
+    def _run(self) -> None:
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        router, pub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB)
+        try:
+            for sock in (router, pub):
+                sock.setsockopt(zmq.LINGER, 0)
+            router.bind(f"ipc://{self.directory}/control.sock")
+            pub.bind(f"ipc://{self.directory}/events.sock")
+            rundir.write_private(self.directory / "token", "secret\n")
+            rundir.write_record(
+                self.directory,
+                ServerRecord(
+                    server_id=self.server_id,
+                    pid=os.getpid(),
+                    control=f"ipc://{self.directory}/control.sock",
+                    events=f"ipc://{self.directory}/events.sock",
+                    protocol=1,
+                    heartbeat_interval=self.heartbeat,
+                    started_at=time.time(),
+                ),
+            )
+            self._ready.set()
+            next_beat = time.monotonic()
+            while not self._stop.is_set():
+                if router.poll(10, zmq.POLLIN):
+                    identity, frame = router.recv_multipart()
+                    reply = self._answer(decode_request(frame))
+                    if reply is not None:
+                        router.send_multipart([identity, encode(reply)])
+                while True:
+                    try:
+                        fact, skip, new_id = self._outbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    if new_id is not None:
+                        self.server_id, self.seq = new_id, 0
+                    if fact is not None:
+                        self.seq += skip
+                        self._send(
+                            pub, FactEvent(server_id=self.server_id, seq=self.seq, fact=fact)
+                        )
+                if self.beating.is_set() and time.monotonic() >= next_beat:
+                    beat = HeartbeatEvent(
+                        server_id=self.server_id, seq=self.seq, interval=self.heartbeat
+                    )
+                    self._send(pub, beat)
+                    next_beat = time.monotonic() + self.heartbeat
+        finally:
+            router.close(linger=0)
+            pub.close(linger=0)
+            ctx.term()
+
+    def _send(self, pub: zmq.Socket[bytes], event: FactEvent | HeartbeatEvent) -> None:
+        pub.send(encode(event))
+        self.seq += 1
+
+    def _answer(self, request: Request) -> Reply | None:
+        with self._lock:
+            self._requests.append(request)
+        if request.type in self.silent:
+            return None
+        if request.type in self.refuse:
+            return Reply(id=request.id, ok=False, error=self.refuse[request.type])
+        if request.type == "ping":
+            return Reply(id=request.id, ok=True, result={"server_id": self.server_id})
+        if request.type == "status":
+            facts = tuple(
+                self.status_facts[s.submission_id]
+                for s in request.submissions
+                if s.submission_id in self.status_facts
+            )
+            return Reply(id=request.id, ok=True, facts=facts)
+        if request.type == "server_info":
+            return Reply(id=request.id, ok=True, result={"server_id": self.server_id})
+        return Reply(id=request.id, ok=True)
+
+
+JOB = CompileJob(plate_id="p", plate_path="/p", pipeline=demo_pipeline())
+
+
+def fake_run(
+    directory: Path,
+    body: Callable[[FakeServer, ZmqEngine, Facts], Awaitable[None]],
+    *,
+    beating: bool = True,
+    **options: Any,
+) -> Facts:
+    """Start an engine on a fake server, run ``body``, always close both."""
+    facts = Facts()
+    options.setdefault("heartbeat_timeout", 1.0)
+
+    async def scenario() -> None:
+        engine = ZmqEngine(directory, start_server=False, **options)
+        await engine.start(facts)
+        try:
+            await body(fake, engine, facts)
+        finally:
+            await engine.close()
+
+    with FakeServer(directory) as fake:
+        if not beating:
+            fake.beating.clear()
+        run(scenario())
+    return facts
+
+
+def test_first_contact_reconciles_what_was_published_before_the_subscription(
+    rdir: Path,
+) -> None:
+    async def body(fake: FakeServer, engine: ZmqEngine, facts: Facts) -> None:
+        # No event has reached the engine yet: a fact published now could be lost.
+        await engine.submit_execution("x", JOB, "artifact")
+        fake.status_facts["x"] = ExecutionStarted(plate_id="p", execution_id="x")
+        fake.beating.set()
+        await facts.wait("x", ExecutionStarted)
+        (status,) = fake.requests("status")
+        assert [s.submission_id for s in status.submissions] == ["x"]  # type: ignore[union-attr]
+        assert engine.statistics().reconciliations == 1
+
+    fake_run(rdir, body, beating=False, heartbeat_timeout=5.0)
+
+
+def test_a_sequence_gap_triggers_one_status_request_whose_facts_reach_the_sink(
+    rdir: Path,
+) -> None:
+    async def body(fake: FakeServer, engine: ZmqEngine, facts: Facts) -> None:
+        await first_event(engine)
+        await engine.submit_execution("x", JOB, "artifact")
+        fake.publish(ExecutionAccepted(plate_id="p", execution_id="x"))
+        await facts.wait("x", ExecutionAccepted)
+        assert engine.statistics().gaps == 0
+        assert fake.requests("status") == []
+        fake.status_facts["x"] = ExecutionSucceeded(
+            plate_id="p", execution_id="x", result={"ok": True}
+        )
+        fake.publish(ExecutionStarted(plate_id="p", execution_id="x"), skip=3)
+        await facts.wait("x", ExecutionSucceeded)
+        stats = engine.statistics()
+        assert (stats.gaps, stats.reconciliations, stats.reconciled_facts) == (1, 1, 1)
+        assert stats.outstanding == 0, "a terminal fact ends the tracking"
+        (status,) = fake.requests("status")
+        assert [s.submission_id for s in status.submissions] == ["x"]  # type: ignore[union-attr]
+        # Nothing outstanding: a later gap needs no status request at all.
+        fake.publish(ExecutionStarted(plate_id="p", execution_id="x"), skip=2)
+        await until(lambda: engine.statistics().gaps == 2, "the second gap")
+        assert len(fake.requests("status")) == 1
+
+    facts = fake_run(rdir, body)
+    assert facts.kinds("x") == [
+        "execution_accepted",
+        "execution_started",
+        "execution_succeeded",
+        "execution_started",  # a late duplicate: the batch ignores it as stale
+    ]
+    assert not facts.lost()
+
+
+def test_a_replaced_server_is_reconciled_and_lost_only_if_it_forgot_our_work(
+    rdir: Path,
+) -> None:
+    async def body(fake: FakeServer, engine: ZmqEngine, facts: Facts) -> None:
+        await first_event(engine)
+        await engine.submit_execution("x", JOB, "artifact")
+        fake.status_facts["x"] = ExecutionStarted(plate_id="p", execution_id="x")
+        fake.replace("fake-two")
+        await facts.wait("x", ExecutionStarted)
+        await until(lambda: engine.statistics().server_id == "fake-two", "the new server id")
+        assert not facts.lost(), "the new server knows the execution: carry on"
+        await engine.submit_execution("y", JOB, "artifact")
+        fake.replace("fake-three")  # knows x but not y
+        await until(lambda: bool(facts.lost()), "EngineLost")
+        await asyncio.sleep(0.3)
+        ((_, lost),) = facts.lost()
+        assert "replaced" in lost.reason
+        assert "'y'" in lost.reason
+        with pytest.raises(EngineError, match="lost"):
+            await engine.submit_execution("z", JOB, "artifact")
+        assert engine.statistics().server_changes == 2
+
+    fake_run(rdir, body)
+
+
+def test_silence_is_reported_once_within_heartbeat_timeout_plus_one_tick(rdir: Path) -> None:
+    async def body(fake: FakeServer, engine: ZmqEngine, facts: Facts) -> None:
+        await first_event(engine)
+        fake.silent.add("server_info")
+        hanging = asyncio.ensure_future(engine.server_info())
+        await asyncio.sleep(0.2)
+        fake.beating.clear()
+        stopped = time.monotonic()
+        with pytest.raises(EngineError, match="lost"):
+            await hanging  # failed at the loss, not at its 10 s request timeout
+        await until(lambda: bool(facts.lost()), "EngineLost")
+        ((when, lost),) = facts.lost()
+        assert when - stopped <= 1.0 + POLL_TICK + 0.3
+        assert "dead or frozen" in lost.reason
+        fake.beating.set()  # it comes back: too late, the engine stays lost
+        await asyncio.sleep(0.3)
+        assert len(facts.lost()) == 1
+        with pytest.raises(EngineError, match="lost"):
+            await engine.status([Submission("p", "execute", "x")])
+
+    fake_run(rdir, body, request_timeout=10.0)
+
+
+def test_refusals_become_rejection_facts_and_a_silent_server_times_requests_out(
+    rdir: Path,
+) -> None:
+    async def body(fake: FakeServer, engine: ZmqEngine, facts: Facts) -> None:
+        await first_event(engine)
+        fake.refuse.update(compile="no room", execute="unknown artifact", cancel="unknown")
+        await engine.submit_compile("c", JOB)  # returns normally
+        await engine.submit_execution("x", JOB, "artifact")
+        rejected = await facts.wait("c", CompileRejected)
+        assert "no room" in rejected.error
+        assert "unknown artifact" in (await facts.wait("x", ExecutionRejected)).error
+        await engine.cancel(Submission("p", "execute", "x"))  # refused cancel: no error
+        assert engine.statistics().outstanding == 0
+        fake.silent.add("server_info")
+        started = time.monotonic()
+        with pytest.raises(EngineError, match="no reply"):
+            await engine.server_info()
+        assert 0.4 <= time.monotonic() - started <= 0.5 + POLL_TICK + 0.5
+        assert engine.statistics().timeouts == 1
+        assert await engine.status([Submission("p", "execute", "x")]) == []
+        assert not facts.lost(), "a timed-out request alone is not a lost server"
+
+    facts = fake_run(rdir, body, request_timeout=0.5)
+    assert [f.kind for f in facts.all] == ["compile_rejected", "execution_rejected"]
+
+
+def test_without_a_server_and_without_start_server_start_fails_clearly(rdir: Path) -> None:
+    engine = ZmqEngine(rdir, start_server=False, startup_timeout=2.0)
+    with pytest.raises(EngineError, match="no plateflow server is running"):
+        run(engine.start(Facts()))
+    run(engine.close())
+
+
+def test_a_heartbeat_timeout_below_the_servers_interval_is_refused(rdir: Path) -> None:
+    with FakeServer(rdir, heartbeat=0.5):
+        engine = ZmqEngine(rdir, start_server=False, heartbeat_timeout=0.5)
+        with pytest.raises(EngineError, match="must exceed the server's heartbeat interval"):
+            run(engine.start(Facts()))
+        run(engine.close())
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(ValueError, match="heartbeat_timeout"):
+        ZmqEngine(Path("/nonexistent"), heartbeat_timeout=0)
+    with pytest.raises(TypeError, match="sequence"):
+        ZmqEngine(Path("/nonexistent"), server_args="--workers 2")
