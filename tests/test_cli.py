@@ -11,10 +11,11 @@ from plateflow import Journal, replay
 from plateflow.cli import main
 
 
+@pytest.mark.parametrize("engine", ["zmq", "local"])
 def test_demo_runs_the_batch_finds_the_planted_hits_and_explains_the_failure(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], engine: str
 ) -> None:
-    assert main(["demo", str(tmp_path), "--plates", "5"]) == 0
+    assert main(["demo", str(tmp_path), "--plates", "5", "--engine", engine]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
     completed = [line for line in lines if " completed " in line and "planted" in line]
@@ -29,6 +30,9 @@ def test_demo_runs_the_batch_finds_the_planted_hits_and_explains_the_failure(
     assert replay(journal).state == "failed"
     assert len(list((tmp_path / "reports").glob("*.report.json"))) == 4
     assert multiprocessing.active_children() == []
+    if engine == "zmq":  # the demo's own server was started and stopped again
+        assert (tmp_path / "server" / "server.log").exists()
+        assert not (tmp_path / "server" / "server.json").exists()
 
 
 def test_journal_show_prints_every_plates_story(

@@ -70,6 +70,7 @@ def test_the_cli_uses_only_what_a_host_could_use() -> None:
             assert name in {
                 "plateflow",
                 "plateflow.engines.local",
+                "plateflow.engines.zmq.engine",
                 "plateflow.engines.zmq.server",
                 "plateflow.examples.platereader",
             }

@@ -22,6 +22,7 @@ from plateflow import (
     BaseBatchHost,
     BatchSummary,
     CompileFailurePolicy,
+    Engine,
     Journal,
     JournalError,
     Plate,
@@ -30,6 +31,7 @@ from plateflow import (
     UsageError,
 )
 from plateflow.engines.local import LocalEngine
+from plateflow.engines.zmq.engine import ZmqEngine
 from plateflow.examples.platereader import demo_pipeline, generate_plates
 
 __all__ = ["main"]
@@ -67,7 +69,15 @@ def _demo(args: argparse.Namespace) -> int:
     broken.path.write_text("well,role,signal\nA01,sample,saturated\n", encoding="utf-8")
     planted = {g.plate_id: g.planted_hits for g in generated}
     print(f"{len(generated)} plates in {folder / 'plates'} ({broken.plate_id} is corrupted)")
-    engine = LocalEngine(output_dir=str(folder / "reports"))
+    engine: Engine
+    if args.engine == "zmq":
+        # A private server for the demo: started in the demo's folder, stopped at the end.
+        rundir = folder / "server"
+        rundir.mkdir(mode=0o700, exist_ok=True)
+        engine = ZmqEngine(rundir, server_args=["--output-dir", str(folder / "reports")])
+    else:
+        engine = LocalEngine(output_dir=str(folder / "reports"))
+    print(f"engine: {args.engine}", file=sys.stderr)
     host = _PrintingHost(planted)
     with SyncBatchWorkflowService(
         host, engine, policy=CompileFailurePolicy(args.policy), status_interval=0.5
@@ -149,6 +159,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--plates", type=int, default=8, help="how many plates (default 8)")
     demo.add_argument("--seed", type=int, default=1, help="seed of the synthetic plates")
     demo.add_argument("--policy", choices=[p.value for p in CompileFailurePolicy], default="abort")
+    demo.add_argument(
+        "--engine",
+        choices=["zmq", "local"],
+        default="zmq",
+        help="zmq: the embedded execution server (default); local: worker processes in-process",
+    )
     demo.set_defaults(run=_demo)
     journal = sub.add_parser("journal", help="read a batch journal")
     journal_sub = journal.add_subparsers(dest="journal_command", required=True)
