@@ -429,3 +429,31 @@ def test_regression_protocol_error_before_start_then_start(policy: CompileFailur
     else:
         assert [d.plate_id for d in out if isinstance(d, SubmitCompile)] == ["p1"]
         assert batch.plate_state("p1") == "queued"
+
+
+def test_regression_the_same_progress_record_twice_reaches_the_host_once() -> None:
+    """Found by the stateful test: a re-sent record was applied and reported again."""
+    batch = make_batch(1)
+    feed(batch, [BatchStarted(), *compiled_all(batch)])
+    x0 = execution(batch, "p0")
+    out = feed(
+        batch,
+        [
+            ExecutionProgress(plate_id="p0", execution_id=x0, done=2, total=4),
+            ExecutionProgress(plate_id="p0", execution_id=x0, done=2, total=4),
+        ],
+    )
+    assert len([d for d in out if isinstance(d, ProgressRecorded)]) == 1
+    assert batch.journal[-1].disposition.value == "ignored_duplicate"
+
+
+def test_regression_abort_does_not_cancel_a_submission_twice() -> None:
+    """Found by the stateful test: abort re-sent a cancel to a plate whose cancel was pending."""
+    batch = make_batch(2)
+    feed(batch, [BatchStarted(), CancelRequested(plate_id="p1")])
+    out = feed(batch, [CompileFailed(plate_id="p0", job_id=job(batch, "p0"), error="bad")])
+    assert [d for d in out if isinstance(d, CancelSubmission)] == []
+    assert [(r.plate_id, r.reason) for r in reports(out)] == [
+        ("p0", Reason.COMPILE_FAILED),
+        ("p1", Reason.BATCH_ABORTED),
+    ]

@@ -375,6 +375,8 @@ class Oracle:
             case ExecutionProgress():
                 if fact.done > fact.total:
                     return self._protocol_error(plate)
+                if plate.total and (fact.done, fact.total) == (plate.done, plate.total):
+                    return dup  # the same record again: the host hears it once
                 if fact.done < plate.done:
                     return Disposition.IGNORED_STALE
                 plate.state = _P.EXECUTING
@@ -499,7 +501,8 @@ class Oracle:
         self.aborted = True
         for other in self.plates.values():
             if other.outcome is None:
-                self._cancel_in_flight(other)
+                if not other.cancel_requested:  # a pending cancel already reached the engine
+                    self._cancel_in_flight(other)
                 self._settle(other, PlateOutcome.CANCELLED, Reason.BATCH_ABORTED)
 
     def _react(self) -> None:

@@ -395,7 +395,8 @@ class Batch:
         for other in self._plates.values():
             if other.outcome is not None:
                 continue
-            self._cancel_outstanding(other)
+            if not other.cancel_requested:  # a pending cancel already went to the engine
+                self._cancel_outstanding(other)
             self._converge(other, PlateOutcome.CANCELLED, Reason.BATCH_ABORTED)
 
     def _converge_batch(self) -> None:
@@ -675,6 +676,8 @@ class Batch:
             return self._protocol_error(
                 plate, f"progress {fact.done}/{fact.total} reports more done than total"
             )
+        if plate.total and (fact.done, fact.total) == (plate.done, plate.total):
+            raise self._duplicate(f"progress {fact.done}/{fact.total} already recorded")
         if fact.done < plate.done:
             raise _Dropped(
                 Disposition.IGNORED_STALE,
