@@ -37,6 +37,7 @@ from pydantic import JsonValue
 
 from plateflow.core import BatchState, BatchSummary, PlateOutcome, PlateState, Reason
 from plateflow.core.facts import (
+    CompileAccepted,
     CompileRejected,
     CompileSucceeded,
     EngineLost,
@@ -1063,3 +1064,31 @@ def test_bad_arguments_are_refused() -> None:
         ZmqEngine(Path("/nonexistent"), heartbeat_timeout=0)
     with pytest.raises(TypeError, match="sequence"):
         ZmqEngine(Path("/nonexistent"), server_args="--workers 2")
+
+
+def test_a_burst_larger_than_the_socket_queue_waits_instead_of_failing(
+    rdir: Path, tmp_path: Path, plates: list[GeneratedPlate]
+) -> None:
+    """Found by bench_e2e: 5,000 concurrent submits overflowed the DEALER's queue
+    (libzmq's 1,000-message default) and raised EngineError, so the service
+    declared the engine lost. Requests beyond the queue now wait to be sent."""
+    engine = engine_for(rdir, tmp_path)
+    facts = Facts()
+    job = compile_job(plates[0])
+
+    async def scenario() -> None:
+        await engine.start(facts)
+        try:
+            # Every call returns once the server replied: none raised, none was refused.
+            await asyncio.gather(
+                *(engine.submit_compile(f"burst.{i}.c", job) for i in range(3_000))
+            )
+            await until(
+                lambda: sum(isinstance(f, CompileAccepted) for f in facts.all) >= 3_000,
+                "the server accepted every compile of the burst",
+            )
+        finally:
+            await engine.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 4 * TIMEOUT))
+    assert not any(isinstance(f, (CompileRejected, EngineLost)) for f in facts.all)

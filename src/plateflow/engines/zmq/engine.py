@@ -44,6 +44,7 @@ tick (``0.1`` s) after the last event, provided the sink does not block.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -263,6 +264,7 @@ class ZmqEngine(Engine):
         """Guards the outstanding submissions, the broken/closing flags and the outbox."""
         self._outstanding: dict[_Key, Submission] = {}
         self._outbox: queue.SimpleQueue[tuple[str, bytes, _Pending]] = queue.SimpleQueue()
+        self._backlog: collections.deque[tuple[str, bytes]] = collections.deque()
         self._wake_lock = threading.Lock()
         self._counters = _Counters()
 
@@ -746,6 +748,7 @@ class ZmqEngine(Engine):
             poller.register(sock, zmq.POLLIN)
         try:
             while not self._stopping:
+                poller.modify(control, zmq.POLLIN | (zmq.POLLOUT if self._backlog else 0))
                 ready = dict(poller.poll(math.ceil(self._poll_timeout() * 1000)))
                 if wake in ready:
                     self._drain_wake(wake)
@@ -786,20 +789,33 @@ class ZmqEngine(Engine):
             try:
                 rid, frame, pending = self._outbox.get_nowait()
             except queue.Empty:
-                return
+                break
             self._send(control, rid, frame, pending)
+        # A burst larger than the socket's queue waits here, not in an error: it is
+        # sent as the socket drains (the poller watches POLLOUT while anything waits).
+        while self._backlog:
+            rid, frame = self._backlog[0]
+            if rid not in self._pending:  # timed out while waiting: nobody wants it now
+                self._backlog.popleft()
+                continue
+            try:
+                control.send(frame, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:
+                self._backlog.popleft()
+                pending = self._pending.pop(rid)
+                pending.done(EngineError(f"{pending.what}: cannot send to the zmq server: {exc}"))
+                continue
+            self._backlog.popleft()
 
     def _send(self, control: zmq.Socket[bytes], rid: str, frame: bytes, pending: _Pending) -> None:
         if self._broken is not None:
             pending.done(EngineError(f"the zmq server is lost: {self._broken}"))
             return
         self._counters.requests += 1
-        self._pending[rid] = pending
-        try:
-            control.send(frame, zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            del self._pending[rid]
-            pending.done(EngineError(f"{pending.what}: cannot send to the zmq server: {exc}"))
+        self._pending[rid] = pending  # its deadline runs from now, sent or waiting
+        self._backlog.append((rid, frame))
 
     def _drain_replies(self, control: zmq.Socket[bytes]) -> None:
         for _ in range(_DRAIN_BATCH):
