@@ -452,11 +452,12 @@ def test_a_second_batch_while_one_runs_is_refused(
     host = RecordingHost()
 
     async def body(service: BatchWorkflowService) -> str:
+        started = asyncio.Event()  # the first plate moved: the batch is running
+        host.on_state = lambda plate, state: started.set()
         first = asyncio.create_task(
             service.run_plates(selection(plates), pipeline=demo_pipeline(pause_seconds=30.0))
         )
-        while service.batch is None:
-            await asyncio.sleep(0)
+        await started.wait()
         with pytest.raises(UsageError, match=r"still (compiling|executing)") as info:
             await service.run_plates(selection(plates), pipeline=demo_pipeline())
         service.cancel()
