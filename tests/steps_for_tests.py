@@ -38,6 +38,11 @@ def finish(data: object, ctx: StepContext) -> dict[str, JsonValue]:
     return {"plate": ctx.plate_id, "ok": True}
 
 
+def whoami(data: object, ctx: StepContext) -> dict[str, JsonValue]:
+    """The result names the worker process that ran the plate."""
+    return {"plate": ctx.plate_id, "pid": os.getpid()}
+
+
 def explode(data: object, ctx: StepContext, message: str = "boom") -> object:
     raise ValueError(message)
 

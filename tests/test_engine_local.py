@@ -414,6 +414,78 @@ def test_a_worker_ignoring_cancel_and_sigterm_is_killed_after_the_grace(tmp_path
     run(body, tmp_path, cancel_grace=grace)
 
 
+# --- the worker pool ---------------------------------------------------------------
+
+
+def _pid_of(fact: Fact) -> int:
+    assert isinstance(fact, ExecutionSucceeded), fact
+    assert isinstance(fact.result, dict)
+    pid = fact.result["pid"]
+    assert isinstance(pid, int)
+    return pid
+
+
+def test_workers_are_started_once_and_reused(tmp_path: Path) -> None:
+    async def body(engine: LocalEngine, facts: Facts) -> None:
+        pipeline = spec("whoami")
+        artifact = await compile_ok(engine, facts, job("p0", pipeline))
+        pids = []
+        for i in range(4):
+            xid = await execute(engine, facts, f"p{i}", pipeline, artifact=artifact)
+            pids.append(_pid_of(facts.terminal(xid)))
+        assert len(set(pids)) == 1
+        info = await engine.server_info()
+        assert (info["processes"], info["idle"], info["running"]) == (1, 1, 0)
+
+    run(body, tmp_path, max_workers=1)
+
+
+def test_a_step_that_honours_cancel_leaves_its_worker_reusable(tmp_path: Path) -> None:
+    async def body(engine: LocalEngine, facts: Facts) -> None:
+        cancelled = await execute(engine, facts, "a", spec("wait_for_cancel"))
+        pid = facts.pid(cancelled)
+        await engine.cancel(Submission("a", "execute", cancelled))
+        assert isinstance(facts.terminal(cancelled), ExecutionCancelled)
+        # The same worker runs the next plate, and the earlier cancel does not reach it.
+        later = await execute(engine, facts, "b", spec("count", "whoami"))
+        assert _pid_of(facts.terminal(later)) == pid
+
+    run(body, tmp_path, max_workers=1)
+
+
+def test_a_crashed_worker_is_replaced_for_the_next_submission(tmp_path: Path) -> None:
+    async def body(engine: LocalEngine, facts: Facts) -> None:
+        first = await execute(engine, facts, "a", spec("whoami"))
+        old = _pid_of(facts.terminal(first))
+        crashed = await execute(engine, facts, "b", spec("crash"))
+        fact = facts.terminal(crashed)
+        assert isinstance(fact, ExecutionFailed)
+        assert fact.exit_code == 3
+        later = await execute(engine, facts, "c", spec("whoami"))
+        assert _pid_of(facts.terminal(later)) != old
+        assert pid_gone(old)
+
+    run(body, tmp_path, max_workers=1)
+
+
+def test_max_jobs_per_worker_retires_workers(tmp_path: Path) -> None:
+    async def body(engine: LocalEngine, facts: Facts) -> None:
+        pipeline = spec("whoami")
+        artifact = await compile_ok(engine, facts, job("p", pipeline))  # job 1 of worker 1
+        pids = []
+        for i in range(4):
+            xid = await execute(engine, facts, f"p{i}", pipeline, artifact=artifact)
+            pids.append(_pid_of(facts.terminal(xid)))
+        first, second, third = pids[0], pids[1], pids[3]
+        assert pids[2] == second
+        assert len({first, second, third}) == 3
+        assert pid_gone(first)
+
+    run(body, tmp_path, max_workers=1, max_jobs_per_worker=2)
+    with pytest.raises(ValueError, match="max_jobs_per_worker"):
+        LocalEngine(max_jobs_per_worker=0)
+
+
 # --- rejections, status, info --------------------------------------------------
 
 

@@ -1,10 +1,12 @@
 """The local engine: compiles and executes plates in worker processes on this machine.
 
-Theory of operation: every submission (compile or execution) runs in its own
-worker process, at most ``max_workers`` at once; the rest wait in one FIFO
-queue. One *watcher* thread owns the workers: it starts them when a slot is
-free, reads their reports, notices when they exit and pushes the facts. It
-blocks in :func:`multiprocessing.connection.wait` on every worker's result
+Theory of operation: submissions (compile jobs and executions) wait in one
+FIFO queue and run in a pool of at most ``max_workers`` worker processes,
+started when work needs them and reused for one submission after another
+(starting and ending a process costs far more than a no-op plate). One
+*watcher* thread owns the pool: it starts workers, hands each idle one the
+next submission, reads their reports, notices when they exit and pushes the
+facts. It blocks in :func:`multiprocessing.connection.wait` on every worker's
 pipe and process sentinel plus a self-pipe that the event-loop side writes to
 when it has news (a submission, a cancel, close), so it sleeps until
 something happens and never polls. However many plates there are, the engine
@@ -16,14 +18,20 @@ for a submission cancelled while still queued. Everything that depends on a
 worker is pushed by the watcher, so the facts of one submission arrive in
 order: Accepted, Started, Progress..., then exactly one terminal fact.
 
-A worker reports over a one-way pipe with small JSON messages (never pickle):
-``started``, ``progress``, then one of ``compiled``, ``succeeded``, ``failed``,
-``cancelled``. The *first* terminal report wins; a worker that exits without
-one crashed, and its submission fails with the exit code (negative signal
-number when a signal killed it). Cancel sets the worker's cancellation event
-(the step sees ``ctx.cancelled``); a worker still alive after ``cancel_grace``
-seconds is terminated, and killed after another ``cancel_grace``. Only that
-one worker is touched.
+A worker talks to the watcher over one pipe with small JSON messages (never
+pickle): the watcher sends ``job`` messages, each with a fresh job number;
+the worker answers ``started``, ``progress``, then one of ``compiled``,
+``succeeded``, ``failed``, ``cancelled``, all carrying that number, so a late
+report about an earlier job is recognised and dropped. The *first* terminal
+report wins. A worker that exits while it holds a submission crashed: that
+submission fails with the exit code (negative signal number when a signal
+killed it), and a fresh worker takes the next one. Cancel writes the job
+number into the worker's shared cancel flag (the step sees ``ctx.cancelled``);
+a step that stops in time leaves its worker reusable; a worker still busy
+``cancel_grace`` seconds later is terminated, and killed after another
+``cancel_grace``. Only that one worker is touched. Reuse means module-level
+state a step leaves behind is seen by later plates in that worker; steps
+should not keep any (``max_jobs_per_worker`` bounds what leaks).
 
 Workers are started with ``forkserver`` by default (with this module
 preloaded, a worker is ready in ~10 ms instead of ~350 ms for ``spawn``);
@@ -37,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import multiprocessing
@@ -47,11 +56,10 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
-from multiprocessing.synchronize import Event as MpEvent
 from typing import Any, Final, Literal, cast, final
 
 from pydantic import JsonValue
@@ -76,6 +84,7 @@ from plateflow.engines.base import Engine, EngineError, FactSink, Submission
 from plateflow.jobs import CompileJob
 from plateflow.pipeline.run import (
     DEFAULT_ALLOWED_MODULES,
+    CompiledPipeline,
     PipelineError,
     StepCancelled,
     StepContext,
@@ -93,6 +102,8 @@ _DEFAULT_CONTEXT: Final = (
     "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 )
 _PRELOAD: Final = ["plateflow.engines.local"]
+_COMPILED_CACHE: Final = 32
+"""Compiled pipelines a worker keeps, by spec: a batch usually has one."""
 
 
 # --- the worker process ----------------------------------------------------------
@@ -144,48 +155,72 @@ def _exit_when_parent_dies() -> None:
 
 def _worker_main(
     conn: Connection,
-    cancel_event: MpEvent,
-    phase: _Phase,
-    spec_json: str,
+    cancel_flag: Any,
     allowed_modules: tuple[str, ...],
-    plate_id: str,
-    plate_path: str,
     output_dir: str,
 ) -> None:
-    """Compile (and for an execution, run) one pipeline; report over ``conn``."""
+    """Serve jobs from ``conn`` one at a time until told to exit or the pipe closes.
+
+    A job is ``{"t": "job", "n": <job number>, ...}``; every report about it
+    carries the same ``n``, so the parent can tell a late report about an
+    earlier job from news about the current one. ``cancel_flag`` holds the
+    number of the job the parent wants cancelled.
+    """
     # Ctrl-C in a terminal reaches the whole process group; the parent decides
     # what to cancel, so a worker must not die of the user's keystroke.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_when_parent_dies()
-    _send(conn, {"t": "started", "pid": os.getpid()})
-    try:
-        compiled = compile_pipeline(
-            PipelineSpec.model_validate_json(spec_json), allowed_modules=allowed_modules
-        )
-        if phase == "compile":
-            _send(conn, {"t": "compiled", "artifact_id": compiled.fingerprint})
+    compiled_by_spec: dict[str, CompiledPipeline] = {}
+    while True:
+        try:
+            job = json.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            return
+        if job.get("t") != "job":
+            return
+        n = int(job["n"])
+        _send(conn, {"t": "started", "n": n, "pid": os.getpid()})
+        try:
+            compiled = compiled_by_spec.get(job["spec"])
+            if compiled is None:
+                compiled = compile_pipeline(
+                    PipelineSpec.model_validate_json(job["spec"]), allowed_modules=allowed_modules
+                )
+                if len(compiled_by_spec) >= _COMPILED_CACHE:
+                    compiled_by_spec.pop(next(iter(compiled_by_spec)))
+                compiled_by_spec[job["spec"]] = compiled
+            if job["phase"] == "compile":
+                _send(conn, {"t": "compiled", "n": n, "artifact_id": compiled.fingerprint})
+                continue
+            ctx = StepContext(
+                plate_id=job["plate_id"],
+                plate_path=job["plate_path"],
+                output_dir=output_dir,
+                _report=_reporter(conn, n),
+                _is_cancelled=_cancel_check(cancel_flag, n),
+            )
+            result = execute_pipeline(compiled, ctx)
+            _send(conn, {"t": "succeeded", "n": n, "result": result})
+        except StepCancelled:
+            _send(conn, {"t": "cancelled", "n": n})
+        except PipelineError as exc:
+            _send(conn, {"t": "failed", "n": n, "error": str(exc)})
+        except Exception as exc:
+            _send(conn, {"t": "failed", "n": n, "error": _describe(exc)})
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt: report, then leave
+            _send(conn, {"t": "failed", "n": n, "error": _describe(exc)})
             return
 
-        def report(done: int, total: int, message: str) -> None:
-            _send(conn, {"t": "progress", "done": done, "total": total, "message": message})
 
-        ctx = StepContext(
-            plate_id=plate_id,
-            plate_path=plate_path,
-            output_dir=output_dir,
-            _report=report,
-            _is_cancelled=cancel_event.is_set,
-        )
-        result = execute_pipeline(compiled, ctx)
-        _send(conn, {"t": "succeeded", "result": result})
-    except StepCancelled:
-        _send(conn, {"t": "cancelled"})
-    except PipelineError as exc:
-        _send(conn, {"t": "failed", "error": str(exc)})
-    except BaseException as exc:  # a step may raise anything, SystemExit included
-        _send(conn, {"t": "failed", "error": _describe(exc)})
-    finally:
-        conn.close()
+def _cancel_check(cancel_flag: Any, n: int) -> Callable[[], bool]:
+    return lambda: bool(cancel_flag.value == n)
+
+
+def _reporter(conn: Connection, n: int) -> Callable[[int, int, str], None]:
+    def report(done: int, total: int, message: str) -> None:
+        _send(conn, {"t": "progress", "n": n, "done": done, "total": total, "message": message})
+
+    return report
 
 
 # --- the parent's bookkeeping -------------------------------------------------------
@@ -193,7 +228,7 @@ def _worker_main(
 
 @dataclasses.dataclass(eq=False, slots=True)
 class _Work:
-    """One submission, from queued to reaped. Guarded by ``LocalEngine._lock``."""
+    """One submission, from queued to settled. Guarded by ``LocalEngine._lock``."""
 
     phase: _Phase
     submission_id: str
@@ -201,19 +236,35 @@ class _Work:
     plate_path: str
     spec_json: str
     state: Literal["queued", "running", "finished"] = "queued"
-    process: BaseProcess | None = None
-    conn: Connection | None = None
-    cancel_event: MpEvent | None = None
-    pid: int | None = None
+    n: int = 0
+    """The job number it was sent to a worker under (0 until then)."""
+    worker: _Worker | None = None
+    """The worker running it, while it runs."""
     started: bool = False
     """The worker reported in (``ExecutionStarted`` was pushed)."""
     cancel_requested: bool = False
     terminal: Fact | None = None
     """The one terminal fact, once decided; later reports are dropped."""
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _Worker:
+    """One long-lived worker process. Guarded by ``LocalEngine._lock``."""
+
+    process: BaseProcess
+    conn: Connection
+    cancel_flag: Any
+    """Shared memory: the job number the worker should treat as cancelled."""
+    pid: int | None
+    work: _Work | None = None
+    """The submission it runs now; None when idle."""
+    jobs: int = 0
+    retiring: bool = False
+    """Told to exit (close, recycling) or being stopped; gets no more work."""
     deadline: float | None = None
-    """When to escalate (terminate, then kill) a worker that should be gone."""
+    """When to escalate (terminate, then kill) a worker that should have stopped."""
     escalation: int = 0
-    """0: asked nicely (or reported); 1: terminated; 2: killed."""
+    """0: asked nicely; 1: terminated; 2: killed."""
 
 
 def _fresh(fact: Fact) -> Fact:
@@ -245,10 +296,13 @@ class LocalEngine(Engine):
     ``max_workers`` processes at most run at once (default: the CPU count);
     further submissions wait in FIFO order. Step functions resolve only from
     ``allowed_modules``. Steps write into ``output_dir`` (default: a fresh
-    temporary directory, removed at close if still empty). A cancelled worker
-    gets ``cancel_grace`` seconds to stop by itself before it is terminated,
-    then as long again before it is killed. ``mp_context`` is ``"forkserver"``
-    (default where available) or ``"spawn"``.
+    temporary directory, removed at close if still empty). Worker processes
+    are started when work needs them and then reused; ``max_jobs_per_worker``
+    (default: no limit) retires a worker after that many submissions, for
+    steps that leak. A cancelled submission's step gets ``cancel_grace``
+    seconds to stop by itself (its worker is then reused) before its worker is
+    terminated, then as long again before it is killed. ``mp_context`` is
+    ``"forkserver"`` (default where available) or ``"spawn"``.
     """
 
     name = "local"
@@ -261,10 +315,15 @@ class LocalEngine(Engine):
         output_dir: str | None = None,
         cancel_grace: float = 2.0,
         mp_context: str = _DEFAULT_CONTEXT,
+        max_jobs_per_worker: int | None = None,
     ) -> None:
         workers = (os.cpu_count() or 1) if max_workers is None else max_workers
         if workers < 1:
             raise ValueError(f"max_workers must be at least 1, got {max_workers}")
+        if max_jobs_per_worker is not None and max_jobs_per_worker < 1:
+            raise ValueError(
+                f"max_jobs_per_worker must be at least 1 (or None), got {max_jobs_per_worker}"
+            )
         if not cancel_grace > 0:
             raise ValueError(
                 f"cancel_grace must be a positive number of seconds, got {cancel_grace}"
@@ -280,6 +339,7 @@ class LocalEngine(Engine):
                 f"choose from {[m for m in multiprocessing.get_all_start_methods() if m != 'fork']}"
             )
         self._max_workers = workers
+        self._max_jobs = max_jobs_per_worker
         self._allowed_modules = tuple(allowed_modules)
         self._output_dir = output_dir
         self._made_output_dir = False
@@ -290,8 +350,11 @@ class LocalEngine(Engine):
         self._lock = threading.Lock()
         self._works: dict[tuple[_Phase, str], _Work] = {}
         self._queue: deque[_Work] = deque()
-        self._live: list[_Work] = []
-        """Works whose worker process exists (or is being started) and is not reaped."""
+        self._workers: list[_Worker] = []
+        """Worker processes started and not yet reaped."""
+        self._starting = 0
+        """Worker processes being started (outside the lock)."""
+        self._job_numbers = itertools.count(1)
         self._artifacts: dict[str, str] = {}
         """Compiled pipelines by fingerprint: the spec as JSON."""
 
@@ -299,6 +362,7 @@ class LocalEngine(Engine):
         self._thread: threading.Thread | None = None
         self._wake_r = -1
         self._wake_w = -1
+        self._wake_pending = False
         self._closing = False
         self._closed = False
         self._broken: str | None = None
@@ -336,6 +400,24 @@ class LocalEngine(Engine):
         self._thread.start()
 
     async def submit_compile(self, job_id: str, job: CompileJob) -> None:
+        self.submit_compile_now(job_id, job)
+
+    async def submit_execution(self, execution_id: str, job: CompileJob, artifact_id: str) -> None:
+        self.submit_execution_now(execution_id, job, artifact_id)
+
+    async def cancel(self, submission: Submission) -> None:
+        self.cancel_now(submission)
+
+    async def status(self, submissions: Sequence[Submission]) -> list[Fact]:
+        return self.status_now(submissions)
+
+    async def server_info(self) -> dict[str, JsonValue]:
+        return self.info_now()
+
+    # --- the same, synchronous: none of them blocks ---------------------------------
+
+    def submit_compile_now(self, job_id: str, job: CompileJob) -> None:
+        """:meth:`submit_compile` for callers without an event loop (the embedded server)."""
         self._check_usable()
         work = _Work(
             phase="compile",
@@ -358,7 +440,8 @@ class LocalEngine(Engine):
         self._push(CompileAccepted(plate_id=job.plate_id, job_id=job_id))
         self._enqueue(work)
 
-    async def submit_execution(self, execution_id: str, job: CompileJob, artifact_id: str) -> None:
+    def submit_execution_now(self, execution_id: str, job: CompileJob, artifact_id: str) -> None:
+        """:meth:`submit_execution` without an event loop."""
         self._check_usable()
         with self._lock:
             duplicate = ("execute", execution_id) in self._works
@@ -385,7 +468,8 @@ class LocalEngine(Engine):
             )
         )
 
-    async def cancel(self, submission: Submission) -> None:
+    def cancel_now(self, submission: Submission) -> None:
+        """:meth:`cancel` without an event loop."""
         fact: Fact | None = None
         with self._lock:
             work = self._works.get((submission.phase, submission.submission_id))
@@ -396,13 +480,14 @@ class LocalEngine(Engine):
                 work.state = "finished"
                 fact = work.terminal = self._cancelled(work)
             else:
-                self._request_stop(work)
+                self._stop(work)
         if fact is not None:
             self._push(fact)
         else:
             self._wake()
 
-    async def status(self, submissions: Sequence[Submission]) -> list[Fact]:
+    def status_now(self, submissions: Sequence[Submission]) -> list[Fact]:
+        """:meth:`status` without an event loop."""
         facts: list[Fact] = []
         with self._lock:
             for submission in submissions:
@@ -423,24 +508,26 @@ class LocalEngine(Engine):
                     )
         return facts
 
-    async def server_info(self) -> dict[str, JsonValue]:
+    def info_now(self) -> dict[str, JsonValue]:
+        """:meth:`server_info` without an event loop."""
         with self._lock:
             running: list[JsonValue] = [
                 {
-                    "plate_id": w.plate_id,
-                    "phase": w.phase,
-                    "submission_id": w.submission_id,
+                    "plate_id": w.work.plate_id,
+                    "phase": w.work.phase,
+                    "submission_id": w.work.submission_id,
                     "pid": w.pid,
-                    "cancelling": w.cancel_requested,
+                    "cancelling": w.work.cancel_requested,
                 }
-                for w in self._live
-                if w.terminal is None
+                for w in self._workers
+                if w.work is not None and w.work.terminal is None
             ]
             return {
                 "engine": self.name,
                 "mp_context": self._mp_name,
                 "workers": self._max_workers,
-                "processes": len(self._live),
+                "processes": len(self._workers),
+                "idle": sum(1 for w in self._workers if w.work is None and not w.retiring),
                 "running": len(running),
                 "queued": len(self._queue),
                 "artifacts": len(self._artifacts),
@@ -462,9 +549,10 @@ class LocalEngine(Engine):
                 work.terminal = self._cancelled(work)
                 facts.append(work.terminal)
             self._queue.clear()
-            for work in self._live:
-                if work.terminal is None and not work.cancel_requested:
-                    self._request_stop(work)
+            for worker in self._workers:
+                running = worker.work
+                if running is not None and not (running.terminal or running.cancel_requested):
+                    self._stop(running)
         for fact in facts:
             self._push(fact)
         thread = self._thread
@@ -481,7 +569,7 @@ class LocalEngine(Engine):
 
     def __repr__(self) -> str:
         with self._lock:
-            live, queued = len(self._live), len(self._queue)
+            live, queued = len(self._workers), len(self._queue)
         state = "closed" if self._closed else "started" if self._thread else "new"
         return (
             f"<LocalEngine {state} workers={self._max_workers} processes={live} "
@@ -505,8 +593,10 @@ class LocalEngine(Engine):
         self._wake()
 
     def _wake(self) -> None:
-        if self._wake_w < 0:
+        """Wake the loop once per batch of news: no write while a wake-up is pending."""
+        if self._wake_w < 0 or self._wake_pending:
             return
+        self._wake_pending = True
         with contextlib.suppress(OSError):  # a full pipe is already a wake-up
             os.write(self._wake_w, b"!")
 
@@ -519,13 +609,14 @@ class LocalEngine(Engine):
         except Exception:  # the sink must not raise; if it does, the engine carries on
             _log.exception("the fact sink raised on %r", fact)
 
-    def _request_stop(self, work: _Work) -> None:
-        """Ask a running worker to stop; escalate at the deadline. Holds the lock."""
+    def _stop(self, work: _Work) -> None:
+        """Ask a running submission's step to stop; escalate at the deadline. Holds the lock."""
         work.cancel_requested = True
-        if work.cancel_event is not None:
-            work.cancel_event.set()
-        work.deadline = time.monotonic() + self._cancel_grace
-        work.escalation = 0
+        worker = work.worker
+        if worker is not None:
+            worker.cancel_flag.value = work.n
+            worker.deadline = time.monotonic() + self._cancel_grace
+            worker.escalation = 0
 
     @staticmethod
     def _cancelled(work: _Work) -> Fact:
@@ -555,122 +646,153 @@ class LocalEngine(Engine):
             _log.exception("%s", reason)
             self._broken = reason
             with self._lock:
-                live = list(self._live)
-            for work in live:
-                if work.process is not None:
-                    with contextlib.suppress(Exception):
-                        work.process.kill()
-                        work.process.join(5)
+                workers = list(self._workers)
+            for worker in workers:
+                with contextlib.suppress(Exception):
+                    worker.process.kill()
+                    worker.process.join(5)
             self._push(EngineLost(reason=reason))
 
     def _watch_loop(self) -> None:
         while True:
-            to_start: list[_Work] = []
+            self._assign()
+            if self._closing:
+                self._retire_idle()
             with self._lock:
-                while (
-                    self._queue
-                    and not self._closing
-                    and len(self._live) + len(to_start) < self._max_workers
-                ):
-                    work = self._queue.popleft()
-                    work.state = "running"
-                    work.cancel_event = self._ctx.Event()
-                    to_start.append(work)
-                self._live.extend(to_start)
-                if self._closing and not self._live:
+                if self._closing and not self._workers and not self._starting:
                     return
-            for work in to_start:
-                self._launch(work)
-
-            with self._lock:
-                live = list(self._live)
-                deadlines = [w.deadline for w in live if w.deadline is not None]
+                workers = list(self._workers)
+                deadlines = [w.deadline for w in workers if w.deadline is not None]
             waitables: list[Any] = [self._wake_r]
-            for work in live:
-                if work.conn is not None:
-                    waitables.append(work.conn)
-                if work.process is not None:
-                    waitables.append(work.process.sentinel)
+            for worker in workers:
+                waitables.append(worker.conn)
+                waitables.append(worker.process.sentinel)
             timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
             ready = set(wait(waitables, timeout))
 
             if self._wake_r in ready:
+                # Cleared before the news is read, so news after this line wakes us again.
+                self._wake_pending = False
                 with contextlib.suppress(BlockingIOError):
                     while os.read(self._wake_r, 4096):
                         pass
-            for work in live:
-                if work.conn is not None and work.conn in ready:
-                    self._read(work)
-                if work.process is not None and work.process.sentinel in ready:
-                    self._reap(work)
+            for worker in workers:
+                if worker.conn in ready:
+                    self._read(worker)
+                if worker.process.sentinel in ready:
+                    self._reap(worker)
             self._escalate()
 
-    def _launch(self, work: _Work) -> None:
-        reader, writer = self._ctx.Pipe(duplex=False)
-        assert work.cancel_event is not None
+    def _assign(self) -> None:
+        """Hand queued submissions to idle workers, starting workers as needed."""
+        while True:
+            with self._lock:
+                if self._closing or not self._queue:
+                    return
+                idle = next((w for w in self._workers if w.work is None and not w.retiring), None)
+                if idle is None:
+                    if len(self._workers) + self._starting >= self._max_workers:
+                        return
+                    self._starting += 1
+                else:
+                    work = self._queue.popleft()
+                    work.state = "running"
+                    work.n = next(self._job_numbers)
+                    work.worker = idle
+                    idle.work = work
+                    idle.jobs += 1
+            if idle is None:
+                self._spawn()
+            else:
+                self._send_job(idle, work)
+
+    def _spawn(self) -> None:
+        """Start one worker process (outside the lock); a failure fails the next submission."""
+        reader, writer = self._ctx.Pipe(duplex=True)
+        flag = self._ctx.Value("q", 0, lock=False)
         process = self._ctx.Process(  # type: ignore[attr-defined]
             target=_worker_main,
-            name=f"plateflow-{work.phase}-{work.plate_id}",
-            args=(
-                writer,
-                work.cancel_event,
-                work.phase,
-                work.spec_json,
-                self._allowed_modules,
-                work.plate_id,
-                work.plate_path,
-                self._output_dir,
-            ),
+            name="plateflow-worker",
+            args=(writer, flag, self._allowed_modules, self._output_dir),
             daemon=True,
         )
         try:
             process.start()
         except Exception as exc:
             reader.close()
-            fact = self._failed(work, f"could not start a worker process: {_describe(exc)}")
+            error = f"could not start a worker process: {_describe(exc)}"
             with self._lock:
-                self._live.remove(work)
-                work.state = "finished"
-                work.cancel_event = None
-                if work.terminal is None:
-                    work.terminal = fact
-                else:
-                    return
-            self._push(fact)
+                self._starting -= 1
+                work = self._queue.popleft() if self._queue else None
+                if work is not None:
+                    work.state = "finished"
+                    work.terminal = self._failed(work, error)
+            if work is not None and work.terminal is not None:
+                self._push(work.terminal)
             return
         finally:
             writer.close()
         with self._lock:
-            work.process = cast(BaseProcess, process)
-            work.conn = reader
-            work.pid = process.pid
+            self._starting -= 1
+            self._workers.append(
+                _Worker(
+                    process=cast(BaseProcess, process),
+                    conn=reader,
+                    cancel_flag=flag,
+                    pid=process.pid,
+                )
+            )
 
-    def _read(self, work: _Work) -> None:
+    def _send_job(self, worker: _Worker, work: _Work) -> None:
+        job = {
+            "t": "job",
+            "n": work.n,
+            "phase": work.phase,
+            "spec": work.spec_json,
+            "plate_id": work.plate_id,
+            "plate_path": work.plate_path,
+        }
+        # If the worker is gone, its sentinel fires and _reap settles the submission.
+        with contextlib.suppress(OSError):
+            worker.conn.send_bytes(json.dumps(job, separators=(",", ":")).encode("utf-8"))
+
+    def _retire_idle(self) -> None:
+        """While closing: tell idle workers to exit (closing their pipe ends their loop)."""
+        with self._lock:
+            idle = [w for w in self._workers if w.work is None and not w.retiring]
+            for worker in idle:
+                worker.retiring = True
+                worker.deadline = time.monotonic() + self._cancel_grace
+        for worker in idle:
+            with contextlib.suppress(OSError):
+                worker.conn.send_bytes(b'{"t":"exit"}')
+
+    def _read(self, worker: _Worker) -> None:
         """Handle every report the worker has written so far."""
-        conn = work.conn
-        assert conn is not None
+        conn = worker.conn
         while True:
             try:
-                if not conn.poll():
+                if conn.closed or not conn.poll():
                     return
                 raw = conn.recv_bytes()
             except (EOFError, OSError):
-                conn.close()
-                work.conn = None  # the exit (sentinel) decides what happened
-                return
+                return  # the worker is exiting: its sentinel decides what happened
             try:
                 message = json.loads(raw)
                 kind = message["t"]
+                n = int(message["n"])
             except (ValueError, KeyError, TypeError):
-                _log.warning("worker %s sent a malformed report: %r", work.pid, raw[:200])
+                _log.warning("worker %s sent a malformed report: %r", worker.pid, raw[:200])
                 continue
-            self._handle(work, kind, message)
+            self._handle(worker, n, kind, message)
 
-    def _handle(self, work: _Work, kind: str, message: dict[str, Any]) -> None:
+    def _handle(self, worker: _Worker, n: int, kind: str, message: dict[str, Any]) -> None:
         fact: Fact | None = None
+        retire = False
         with self._lock:
-            if work.terminal is not None:
-                return  # the first terminal report won; nothing after it counts
+            work = worker.work
+            if work is None or work.n != n or work.terminal is not None:
+                return  # about an earlier job, or after the first terminal report: too late
             if kind == "started":
                 work.started = True
                 if work.phase == "execute":
@@ -708,41 +830,46 @@ class LocalEngine(Engine):
             elif kind == "cancelled":
                 fact = self._cancelled(work)
             else:
-                _log.warning("worker %s sent an unknown report %r", work.pid, kind)
+                _log.warning("worker %s sent an unknown report %r", worker.pid, kind)
             if fact is not None and kind not in ("started", "progress"):
                 work.terminal = fact
                 work.state = "finished"
-                # It has reported; give it the grace period to exit, then reap it by force.
-                work.deadline = time.monotonic() + self._cancel_grace
-                work.escalation = 0
+                work.worker = None
+                worker.work = None
+                if worker.escalation == 0:
+                    # It has reported in time: free for the next submission, unless it is due
+                    # to retire. (A worker already being terminated keeps its deadline.)
+                    worker.deadline = None
+                    if self._max_jobs is not None and worker.jobs >= self._max_jobs:
+                        worker.retiring = retire = True
+                        worker.deadline = time.monotonic() + self._cancel_grace
         if fact is not None:
             self._push(fact)
+        if retire:
+            with contextlib.suppress(OSError):
+                worker.conn.send_bytes(b'{"t":"exit"}')
 
-    def _reap(self, work: _Work) -> None:
+    def _reap(self, worker: _Worker) -> None:
         """The worker exited: collect what it wrote, then settle its submission."""
-        if work.conn is not None:
-            self._read(work)
-        process = work.process
-        assert process is not None
+        self._read(worker)
+        process = worker.process
         process.join()
         exit_code = process.exitcode
         process.close()
-        if work.conn is not None:
-            work.conn.close()
+        worker.conn.close()
         fact: Fact | None = None
         with self._lock:
-            self._live.remove(work)
-            work.process = None
-            work.conn = None
-            work.cancel_event = None
-            work.deadline = None
-            if work.terminal is None:
+            self._workers.remove(worker)
+            work = worker.work
+            worker.work = None
+            if work is not None and work.terminal is None:
                 if work.cancel_requested:
                     fact = self._cancelled(work)
                 else:
                     fact = self._failed(work, _crash_message(exit_code), exit_code)
                 work.terminal = fact
                 work.state = "finished"
+                work.worker = None
         if fact is not None:
             self._push(fact)
 
@@ -750,19 +877,16 @@ class LocalEngine(Engine):
         """Terminate, then kill, workers that outstayed their deadline."""
         now = time.monotonic()
         with self._lock:
-            due = [w for w in self._live if w.deadline is not None and w.deadline <= now]
-            for work in due:
-                process = work.process
-                if process is None:  # still being started; look again soon
-                    work.deadline = now + 0.05
-                    continue
-                if work.escalation == 0:
-                    _log.info("terminating worker %s (%s)", work.pid, work.submission_id)
-                    process.terminate()
-                    work.escalation = 1
-                    work.deadline = now + self._cancel_grace
+            due = [w for w in self._workers if w.deadline is not None and w.deadline <= now]
+            for worker in due:
+                worker.retiring = True  # whatever happens next, it is not reused
+                if worker.escalation == 0:
+                    _log.info("terminating worker %s", worker.pid)
+                    worker.process.terminate()
+                    worker.escalation = 1
+                    worker.deadline = now + self._cancel_grace
                 else:
-                    _log.warning("killing worker %s (%s)", work.pid, work.submission_id)
-                    process.kill()
-                    work.escalation = 2
-                    work.deadline = None
+                    _log.warning("killing worker %s", worker.pid)
+                    worker.process.kill()
+                    worker.escalation = 2
+                    worker.deadline = None

@@ -165,6 +165,7 @@ class ExecutionServer:
         self._facts: queue.SimpleQueue[Fact] = queue.SimpleQueue()
         self._wake_r = -1
         self._wake_w = -1
+        self._wake_pending = False
         self._stop = threading.Event()
         self._stop_reason = ""
         self._running = False
@@ -391,6 +392,8 @@ class ExecutionServer:
             timeout_ms = max(0, math.ceil((next_beat - time.monotonic()) * 1000))
             ready = dict(poller.poll(timeout_ms))
             if self._wake_r in ready:
+                # Cleared before the news is read, so news after this line wakes us again.
+                self._wake_pending = False
                 with contextlib.suppress(BlockingIOError):
                     while os.read(self._wake_r, 4096):
                         pass
@@ -412,8 +415,10 @@ class ExecutionServer:
         self._wake()
 
     def _wake(self) -> None:
-        if self._wake_w < 0:
+        """Wake the loop once per batch of news: no write while a wake-up is pending."""
+        if self._wake_w < 0 or self._wake_pending:
             return
+        self._wake_pending = True
         with contextlib.suppress(OSError):  # a full pipe is already a wake-up
             os.write(self._wake_w, b"!")
 
@@ -484,21 +489,19 @@ class ExecutionServer:
                 result={"server_id": self.server_id, "protocol": PROTOCOL_VERSION},
             )
         if isinstance(request, CompileRequest):
-            self._await(engine.submit_compile(request.job_id, request.job))
+            engine.submit_compile_now(request.job_id, request.job)
             return Reply(id=request.id, ok=True)
         if isinstance(request, ExecuteRequest):
-            self._await(
-                engine.submit_execution(request.execution_id, request.job, request.artifact_id)
-            )
+            engine.submit_execution_now(request.execution_id, request.job, request.artifact_id)
             return Reply(id=request.id, ok=True)
         if isinstance(request, StatusRequest):
-            facts = self._await(engine.status([_submission(s) for s in request.submissions]))
+            facts = engine.status_now([_submission(s) for s in request.submissions])
             return Reply(id=request.id, ok=True, facts=tuple(facts))
         if isinstance(request, CancelRequest):
-            self._await(engine.cancel(_submission(request.submission)))
+            engine.cancel_now(_submission(request.submission))
             return Reply(id=request.id, ok=True)
         if isinstance(request, ServerInfoRequest):
-            info = self._await(engine.server_info())
+            info = engine.info_now()
             info.update(self._info())
             return Reply(id=request.id, ok=True, result=info)
         if isinstance(request, ShutdownRequest):
