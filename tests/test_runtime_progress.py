@@ -120,6 +120,59 @@ def test_an_empty_batch_is_done() -> None:
 # --- the coalescer -------------------------------------------------------------------
 
 
+_OPS = st.lists(
+    st.tuples(
+        st.integers(0, 5),  # plate index (5 is not in the batch)
+        st.one_of(
+            st.sampled_from(list(PlateState)),
+            st.tuples(st.integers(-3, 12), st.integers(-1, 10), st.sampled_from(["", "x"])),
+        ),
+    ),
+    max_size=120,
+)
+
+
+@given(_OPS, st.sampled_from(list(BatchMode)))
+def test_the_incremental_snapshot_equals_a_recomputation_from_scratch(
+    ops: list[tuple[int, PlateState | tuple[int, int, str]]], mode: BatchMode
+) -> None:
+    plates = [f"p{i}" for i in range(5)]
+    projection = ProgressProjection(plates, mode=mode, clock=lambda: 0.0)
+    state = dict.fromkeys(plates, PlateState.IDLE)
+    done = dict.fromkeys(plates, (0, 1, ""))
+    for index, op in ops:
+        plate = f"p{index}"
+        if isinstance(op, PlateState):
+            projection.set_state(plate, op)
+            if plate in state:
+                state[plate] = op
+        else:
+            projection.record(plate, *op)
+            if plate in done:
+                total = max(op[1], 1)
+                done[plate] = (min(max(op[0], 0), total), total, op[2])
+    settled = {s for s in PlateState if s.is_terminal}
+    if mode is BatchMode.COMPILE_ONLY:
+        settled.add(PlateState.COMPILED)
+
+    def fraction_of(plate: str) -> float:
+        if state[plate] in settled:
+            return 1.0
+        if state[plate] is PlateState.EXECUTING:
+            return done[plate][0] / done[plate][1]
+        return 0.0
+
+    snap = projection.snapshot()
+    assert [(p.plate_id, p.state, p.done, p.total, p.message, p.fraction) for p in snap.plates] == [
+        (plate, state[plate], *done[plate], fraction_of(plate)) for plate in plates
+    ]
+    assert dict(snap.counts) == {s: sum(1 for p in plates if state[p] is s) for s in PlateState}
+    assert snap.settled == sum(1 for p in plates if state[p] in settled)
+    expected = sum(fraction_of(p) for p in plates) / len(plates)
+    assert snap.fraction == pytest.approx(expected, abs=1e-9)
+    assert (snap.fraction == 1.0) == (expected == 1.0)
+
+
 def test_coalescer_leading_trailing_and_final() -> None:
     c = Coalescer(1.0)
     assert c.offer(0.0)  # the first change goes out at once

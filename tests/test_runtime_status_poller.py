@@ -7,7 +7,7 @@ import itertools
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
-from plateflow.core.facts import ExecutionStarted, Fact
+from plateflow.core.facts import ExecutionAccepted, ExecutionStarted, Fact
 from plateflow.engines.base import Submission
 from plateflow.runtime import ExecutionStatusPoller, PollTimeout
 
@@ -35,18 +35,36 @@ def started(sub: Submission) -> Fact:
     return ExecutionStarted(plate_id=sub.plate_id, execution_id=sub.submission_id)
 
 
-class Engine:
-    """A status query that records each call; ``script`` may make a call fail or hang."""
+def accepted(sub: Submission) -> Fact:
+    return ExecutionAccepted(plate_id=sub.plate_id, execution_id=sub.submission_id)
 
-    def __init__(self, script: Callable[[int], Coroutine[Any, Any, None]] | None = None) -> None:
+
+class Engine:
+    """A status query that records each call; ``script`` may make a call fail or hang.
+
+    It answers about the first three submissions asked about; the answer changes from
+    one call to the next (accepted, started, accepted, ...) so that no answer is one
+    the poller drops as unchanged, unless ``constant`` is set.
+    """
+
+    def __init__(
+        self,
+        script: Callable[[int], Coroutine[Any, Any, None]] | None = None,
+        *,
+        constant: bool = False,
+    ) -> None:
         self.calls: list[tuple[float, int]] = []
+        self.asked: list[tuple[str, ...]] = []
         self.script = script
+        self.constant = constant
 
     async def status(self, submissions: Sequence[Submission]) -> list[Fact]:
         self.calls.append((asyncio.get_running_loop().time(), len(submissions)))
+        self.asked.append(tuple(s.submission_id for s in submissions))
         if self.script is not None:
             await self.script(len(self.calls))
-        return [started(s) for s in submissions[:3]]
+        answer = started if self.constant or len(self.calls) % 2 == 0 else accepted
+        return [answer(s) for s in submissions[:3]]
 
 
 def test_one_batched_query_per_interval_for_a_thousand_submissions() -> None:
@@ -199,3 +217,47 @@ def test_poll_soon_queries_at_once() -> None:
         await poller.stop()
 
     run(main())
+
+
+def test_an_answer_like_the_last_one_is_dropped_not_delivered() -> None:
+    engine = Engine(constant=True)
+    delivered: list[Fact] = []
+
+    async def main() -> ExecutionStatusPoller:
+        poller = ExecutionStatusPoller(engine.status, delivered.append, interval=INTERVAL)
+        poller.track(submission(0))
+        poller.track(submission(1))
+        await wait_until(lambda: len(engine.calls) >= 3)
+        await poller.stop()
+        return poller
+
+    poller = run(main())
+    assert [type(f) for f in delivered] == [ExecutionStarted, ExecutionStarted]
+    stats = poller.statistics()
+    assert stats.facts_delivered == 2
+    # every later answer was dropped (stop() may have cut the last query short)
+    assert stats.answers_unchanged in (2 * (stats.queries - 1), 2 * (stats.queries - 2))
+
+
+def test_a_submission_heard_from_within_the_interval_is_not_asked_about() -> None:
+    interval = 0.2  # long against the 10 ms news, so a busy machine cannot blur them
+    engine = Engine()
+
+    async def main() -> ExecutionStatusPoller:
+        poller = ExecutionStatusPoller(engine.status, lambda fact: None, interval=interval)
+        chatty, quiet = submission(0), submission(1)
+        poller.track(chatty)
+        poller.track(quiet)
+        async with asyncio.timeout(5.0):
+            while len(engine.calls) < 3:
+                poller.heard(chatty.submission_id)  # the engine keeps pushing about it
+                await asyncio.sleep(0.01)  # the pace of that news, not a wait for a result
+        poller.poll_soon()  # on request, everything is asked about
+        await wait_until(lambda: len(engine.calls) >= 4)
+        await poller.stop()
+        return poller
+
+    poller = run(main())
+    assert engine.asked[:3] == [("b.1.x",)] * 3
+    assert engine.asked[3] == ("b.0.x", "b.1.x")
+    assert poller.statistics().submissions_queried == 5

@@ -20,6 +20,7 @@ in :meth:`compile_plates` and :meth:`run_plates`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 import time
 import uuid
@@ -69,6 +70,9 @@ from plateflow.runtime.status_poller import ExecutionStatusPoller
 from plateflow.runtime.submit_wait import BatchSubmitWaitEngine, JobCancelled
 
 __all__ = ["BatchWorkflowService", "Plate", "SyncBatchWorkflowService"]
+
+_DRAIN_PER_TURN = 256
+"""Facts handled per turn of the loop before other tasks get a turn."""
 
 T = TypeVar("T")
 
@@ -125,6 +129,8 @@ class BatchWorkflowService:
         self._progress_interval = progress_interval
         self._clock = clock
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._inbox: collections.deque[Fact] = collections.deque()
+        self._drain_scheduled = False
         self._engine_started = False
         self._batch: Batch | None = None
         self._jobs: dict[str, CompileJob] = {}
@@ -189,14 +195,38 @@ class BatchWorkflowService:
         self.post(CancelRequested(plate_id=plate_id))
 
     def post(self, fact: Fact) -> None:
-        """Hand a fact to the batch from any thread (the engines' sink)."""
+        """Hand a fact to the batch from any thread (the engines' sink).
+
+        Facts queue in arrival order; one wake-up of the loop drains however
+        many arrived meanwhile, so a burst costs one wake-up, not one each.
+        """
         loop = self._loop
         if loop is None or loop.is_closed():
             return
+        self._inbox.append(fact)
+        if self._drain_scheduled:
+            return  # the scheduled drain will take this fact too
+        self._drain_scheduled = True
         try:
-            loop.call_soon_threadsafe(self._handle, fact)
+            loop.call_soon_threadsafe(self._drain_inbox)
         except RuntimeError:  # the loop closed between the check and the call
             return
+
+    def _drain_inbox(self) -> None:
+        """Runs on the loop: handle queued facts, a bounded number per turn of the loop."""
+        inbox = self._inbox
+        try:
+            for _ in range(_DRAIN_PER_TURN):
+                if not inbox:
+                    break
+                self._handle(inbox.popleft())
+        finally:
+            # Cleared before looking again: a fact posted after this line schedules its
+            # own drain, one posted before it is seen below.
+            self._drain_scheduled = False
+            if inbox and self._loop is not None and not self._loop.is_closed():
+                self._drain_scheduled = True
+                self._loop.call_soon(self._drain_inbox)
 
     async def close(self) -> None:
         """Cancel a running batch (waiting up to the cancel grace), then close the engine."""
@@ -293,6 +323,8 @@ class BatchWorkflowService:
         submission_id = getattr(fact, "job_id", None) or getattr(fact, "execution_id", None)
         if submission_id is not None and not submission_id.startswith(f"{batch.batch_id}."):
             return  # a late fact about an earlier batch's submission: not this batch's business
+        if submission_id is not None:
+            self._poller.heard(submission_id)
         submissions: list[SubmitCompile | SubmitExecution] = []
         for decision in batch.handle(fact):
             if isinstance(decision, SubmitCompile | SubmitExecution):

@@ -44,6 +44,9 @@ __all__ = [
 
 _log = logging.getLogger("plateflow.runtime")
 
+_SCALE = 1 << 32
+"""Fixed-point units of one plate's fraction, for the exact running sum."""
+
 
 @dataclass(frozen=True, slots=True)
 class PlateProgress:
@@ -70,22 +73,14 @@ class ProgressSnapshot:
     plates: tuple[PlateProgress, ...]
 
 
-class _Plate:
-    __slots__ = ("done", "message", "state", "total")
-
-    def __init__(self) -> None:
-        self.state = PlateState.IDLE
-        self.done = 0
-        self.total = 1
-        self.message = ""
-
-
 @final
 class ProgressProjection:
     """Per-plate state and progress of one batch, and the snapshot computed from them.
 
     Sans-IO and single-threaded: feed it from the event loop. In a compile-only
     batch (``mode=BatchMode.COMPILE_ONLY``) a ``compiled`` plate counts as settled.
+    Every change costs O(1), and so does most of a snapshot: its ``plates`` tuple
+    is a copy of the current per-plate entries (a pointer copy, no new objects).
     """
 
     def __init__(
@@ -108,9 +103,18 @@ class ProgressProjection:
             if state.is_terminal
             or (self._mode is BatchMode.COMPILE_ONLY and state is PlateState.COMPILED)
         )
-        self._plates = {plate_id: _Plate() for plate_id in plate_ids}
+        self._index: dict[str, int] = {}
+        self._entries: list[PlateProgress] = []
+        for plate_id in plate_ids:
+            if plate_id not in self._index:
+                self._index[plate_id] = len(self._entries)
+                self._entries.append(PlateProgress(plate_id, PlateState.IDLE, 0, 1, "", 0.0))
         self._counts = dict.fromkeys(PlateState, 0)
-        self._counts[PlateState.IDLE] = len(self._plates)
+        self._counts[PlateState.IDLE] = len(self._entries)
+        self._executing = 0
+        """The plates now executing: the sum of their fractions in units of 1/_SCALE.
+
+        Integers, so the sum is exact however many changes it went through."""
         self._started_at = self._clock()
         self._version = 0
 
@@ -121,30 +125,30 @@ class ProgressProjection:
 
     @property
     def plate_ids(self) -> tuple[str, ...]:
-        return tuple(self._plates)
+        return tuple(self._index)
 
     def set_state(self, plate_id: str, state: PlateState) -> bool:
         """Record a plate's new state. Returns False if nothing changed or the plate is unknown."""
-        plate = self._plates.get(plate_id)
-        if plate is None or plate.state is state:
+        i = self._index.get(plate_id)
+        if i is None or self._entries[i].state is state:
             return False
-        self._counts[plate.state] -= 1
+        old = self._entries[i]
+        self._counts[old.state] -= 1
         self._counts[state] += 1
-        plate.state = state
-        self._version += 1
+        self._replace(i, old, state, old.done, old.total, old.message)
         return True
 
     def record(self, plate_id: str, done: int, total: int, message: str = "") -> bool:
         """Record ``done`` of ``total`` steps for a plate. Returns False if nothing changed."""
-        plate = self._plates.get(plate_id)
-        if plate is None:
+        i = self._index.get(plate_id)
+        if i is None:
             return False
         total = max(total, 1)
         done = min(max(done, 0), total)
-        if (plate.done, plate.total, plate.message) == (done, total, message):
+        old = self._entries[i]
+        if (old.done, old.total, old.message) == (done, total, message):
             return False
-        plate.done, plate.total, plate.message = done, total, message
-        self._version += 1
+        self._replace(i, old, old.state, done, total, message)
         return True
 
     def apply(self, decision: Decision) -> bool:
@@ -155,31 +159,30 @@ class ProgressProjection:
             return self.record(decision.plate_id, decision.done, decision.total, decision.message)
         return False
 
-    def _fraction_of(self, plate: _Plate) -> float:
-        if plate.state in self._settled_states:
-            return 1.0
-        if plate.state is PlateState.EXECUTING:
-            return plate.done / plate.total
-        return 0.0
+    def _replace(
+        self, i: int, old: PlateProgress, state: PlateState, done: int, total: int, message: str
+    ) -> None:
+        if state in self._settled_states:
+            fraction = 1.0
+        elif state is PlateState.EXECUTING:
+            fraction = done / total
+        else:
+            fraction = 0.0
+        if old.state is PlateState.EXECUTING:
+            self._executing -= old.done * _SCALE // old.total
+        if state is PlateState.EXECUTING:
+            self._executing += done * _SCALE // total
+        self._entries[i] = PlateProgress(old.plate_id, state, done, total, message, fraction)
+        self._version += 1
 
     def snapshot(self) -> ProgressSnapshot:
-        """Compute the batch's progress now (O(plates))."""
-        plates = tuple(
-            PlateProgress(
-                plate_id=plate_id,
-                state=plate.state,
-                done=plate.done,
-                total=plate.total,
-                message=plate.message,
-                fraction=self._fraction_of(plate),
-            )
-            for plate_id, plate in self._plates.items()
-        )
-        total = len(plates)
+        """The batch's progress now: O(1) but for copying the tuple of plate entries."""
+        total = len(self._entries)
         settled = sum(self._counts[state] for state in self._settled_states)
-        fraction = sum(p.fraction for p in plates) / total if total else 1.0
         if settled == total:
             fraction = 1.0  # exact, whatever the float sum says
+        else:
+            fraction = min((settled * _SCALE + self._executing) / (total * _SCALE), 1.0)
         elapsed = max(self._clock() - self._started_at, 0.0)
         eta: float | None
         if fraction >= 1.0:
@@ -195,11 +198,11 @@ class ProgressProjection:
             fraction=fraction,
             elapsed=elapsed,
             eta=eta,
-            plates=plates,
+            plates=tuple(self._entries),
         )
 
     def __repr__(self) -> str:
-        return f"<ProgressProjection plates={len(self._plates)} version={self._version}>"
+        return f"<ProgressProjection plates={len(self._entries)} version={self._version}>"
 
 
 @final

@@ -2,12 +2,18 @@
 
 Theory of operation: engines *push* facts, and pushes can be lost (a dropped
 PUB message, an engine without push at all). The original started a polling
-thread per plate; here one loop asks the engine about *all* tracked
+thread per plate; here one loop asks the engine about the tracked
 submissions in one batched query (``Engine.status``) at most once per
-interval, and hands every fact it gets back to the same sink the engine
+interval, and hands the facts it gets back to the same sink the engine
 pushes to. Facts the batch already has are ignored by the core as duplicates
 or stale, so the loop needs no knowledge of plate state: it is a safety net,
 not a second source of truth.
+
+The net costs little when pushes work: a submission the service ``heard``
+about within the last interval is not asked about, and an answer of the same
+kind as the last answer about that submission (a queued execution still
+``accepted``, a running one still ``started``) is dropped here instead of
+reaching the batch, whose journal would keep it as one more duplicate.
 
 The loop exists only while something is tracked: ``track`` starts it,
 untracking the last submission ends it, so an idle service runs no timer at
@@ -42,9 +48,16 @@ class StatusPollerStatistics:
     tracked: int
     running: bool
     queries: int
+    submissions_queried: int
     facts_delivered: int
+    answers_unchanged: int
+    """Answers dropped because they said what the last answer about it said."""
     errors: int
     timeouts: int
+
+
+def _submission_id(fact: Fact) -> str | None:
+    return getattr(fact, "job_id", None) or getattr(fact, "execution_id", None)
 
 
 def _log_error(exc: BaseException) -> None:
@@ -82,10 +95,16 @@ class ExecutionStatusPoller:
         self._timeout = timeout
         self._on_error = on_error or _log_error
         self._tracked: dict[str, Submission] = {}
+        self._heard: dict[str, float] = {}
+        """Loop time of the last news about each tracked submission."""
+        self._answers: dict[str, type[Fact]] = {}
+        """The kind of the last status answer about each tracked submission."""
         self._task: asyncio.Task[None] | None = None
         self._sleeper: asyncio.Future[None] | None = None
         self._poll_requested = False
         self._queries = 0
+        self._queried = 0
+        self._unchanged = 0
         self._facts = 0
         self._errors = 0
         self._timeouts = 0
@@ -98,11 +117,12 @@ class ExecutionStatusPoller:
         Tracking the same submission id again replaces it. Must be called from
         a running event loop.
         """
+        loop = asyncio.get_running_loop()
         self._tracked[submission.submission_id] = submission
+        self._heard[submission.submission_id] = loop.time()
+        self._answers.pop(submission.submission_id, None)
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(), name="plateflow-status-poller"
-            )
+            self._task = loop.create_task(self._run(), name="plateflow-status-poller")
 
     def untrack(self, submission_id: str) -> None:
         """Stop reconciling a submission (it settled). Unknown ids are ignored.
@@ -110,8 +130,15 @@ class ExecutionStatusPoller:
         When nothing is left, the loop ends without waiting for its next tick.
         """
         self._tracked.pop(submission_id, None)
+        self._heard.pop(submission_id, None)
+        self._answers.pop(submission_id, None)
         if not self._tracked:
             self._wake()
+
+    def heard(self, submission_id: str) -> None:
+        """News about a submission arrived: it need not be asked about for an interval."""
+        if submission_id in self._heard:
+            self._heard[submission_id] = asyncio.get_running_loop().time()
 
     def tracked(self) -> tuple[Submission, ...]:
         return tuple(self._tracked.values())
@@ -124,7 +151,10 @@ class ExecutionStatusPoller:
         return self._task is not None and not self._task.done()
 
     def poll_soon(self) -> None:
-        """Query at once rather than at the next tick (requests made meanwhile coalesce)."""
+        """Query at once about everything tracked, heard from lately or not.
+
+        Requests made meanwhile coalesce into one query.
+        """
         if self._tracked:
             self._poll_requested = True
             self._wake()
@@ -135,6 +165,8 @@ class ExecutionStatusPoller:
         Idempotent; a later ``track()`` starts a fresh loop.
         """
         self._tracked.clear()
+        self._heard.clear()
+        self._answers.clear()
         task, self._task = self._task, None
         if task is not None and not task.done():
             task.cancel()
@@ -145,7 +177,9 @@ class ExecutionStatusPoller:
             tracked=len(self._tracked),
             running=self.running,
             queries=self._queries,
+            submissions_queried=self._queried,
             facts_delivered=self._facts,
+            answers_unchanged=self._unchanged,
             errors=self._errors,
             timeouts=self._timeouts,
         )
@@ -183,13 +217,21 @@ class ExecutionStatusPoller:
                 await self._sleep_until(due)
             if not self._tracked:
                 return
-            self._poll_requested = False
+            everything, self._poll_requested = self._poll_requested, False
             started = loop.time()
-            await self._poll_once(tuple(self._tracked.values()))
+            quiet_since = started - self._interval
+            batch = tuple(
+                submission
+                for sid, submission in self._tracked.items()
+                if everything or self._heard.get(sid, quiet_since) <= quiet_since
+            )
+            if batch:
+                await self._poll_once(batch)
             due = started + self._interval
 
     async def _poll_once(self, batch: tuple[Submission, ...]) -> None:
         self._queries += 1
+        self._queried += len(batch)
         try:
             facts = await call_bounded(
                 lambda: self._query(batch), self._timeout, what="status query"
@@ -203,6 +245,12 @@ class ExecutionStatusPoller:
             self._report(exc)
             return
         for fact in facts:
+            sid = _submission_id(fact)
+            if sid is not None and sid in self._tracked:
+                if self._answers.get(sid) is type(fact):
+                    self._unchanged += 1
+                    continue
+                self._answers[sid] = type(fact)
             try:
                 self._sink(fact)
             except Exception as exc:
