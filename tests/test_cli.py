@@ -1,14 +1,36 @@
-"""The command line: the demo (the README's main job) and reading journals."""
+"""The command line: the demo, batch files, Ctrl-C, status, journals, the CLI host."""
 
 from __future__ import annotations
 
+import io
+import json
 import multiprocessing
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from plateflow import Journal, replay
-from plateflow.cli import main
+from plateflow import BaseBatchHost, BatchState, Journal, PlateOutcome, PlateState, replay
+from plateflow.batchfile import (
+    AnyEngineSettings,
+    BatchFile,
+    LocalEngineSettings,
+    PipelineSection,
+    PlateEntry,
+    StepEntry,
+    ZmqEngineSettings,
+    render_batch_file,
+)
+from plateflow.cli import CliHost, main
+from plateflow.examples.platereader import demo_pipeline, generate_plates
 
 
 @pytest.mark.parametrize("engine", ["zmq", "local"])
@@ -65,3 +87,460 @@ def test_journal_errors_are_one_line_and_exit_2(
     assert err.startswith("plateflow: error: ")
     assert message in err
     assert "Traceback" not in err
+
+
+# --- plateflow run -----------------------------------------------------------------------
+
+RESULT_KEYS = {
+    "format",
+    "batch_file",
+    "name",
+    "batch_id",
+    "mode",
+    "engine",
+    "outcome",
+    "exit_code",
+    "duration",
+    "counts",
+    "reasons",
+    "output_dir",
+    "journal",
+    "plates",
+}
+PLATE_KEYS = {"plate_id", "path", "outcome", "reason", "duration", "error", "result"}
+
+
+def _batch(
+    folder: Path,
+    *,
+    plates: int = 2,
+    pause: float = 0.0,
+    corrupt: bool = False,
+    engine: AnyEngineSettings | None = None,
+    **fields: Any,
+) -> Path:
+    """A batch file over synthetic plates in ``folder``, running the demo pipeline."""
+    generated = generate_plates(folder / "plates", plates, wells=96)
+    if corrupt:
+        generated[-1].path.write_text("well,role,signal\nA01,sample,saturated\n", encoding="utf-8")
+    pipeline = demo_pipeline(pause_seconds=pause)
+    batch = BatchFile(
+        name="test",
+        plates=(PlateEntry(glob="plates/*.csv"),),
+        pipeline=PipelineSection(
+            steps=tuple(StepEntry(function=s.function, params=s.params) for s in pipeline.steps)
+        ),
+        engine=engine or LocalEngineSettings(workers=2),
+        **fields,
+    )
+    path = folder / "batch.toml"
+    path.write_text(render_batch_file(batch), encoding="utf-8")
+    return path
+
+
+def _check_result_schema(result: dict[str, Any]) -> None:
+    assert set(result) == RESULT_KEYS
+    assert result["format"] == "plateflow-run-result/1"
+    assert isinstance(result["duration"], float)
+    for plate in result["plates"]:
+        assert set(plate) == PLATE_KEYS
+        assert isinstance(plate["duration"], float)
+        assert isinstance(plate["result"], dict)
+        assert all(not isinstance(v, list | dict) for v in plate["result"].values())
+
+
+def test_run_completes_with_exit_0_and_a_json_result_on_stdout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    batch = _batch(tmp_path)
+    assert main(["run", str(batch), "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)  # stdout holds the JSON and nothing else
+    _check_result_schema(result)
+    assert result["outcome"] == "completed"
+    assert result["exit_code"] == 0
+    assert result["mode"] == "run"
+    assert result["engine"] == "local"
+    assert result["counts"] == {"completed": 2}
+    assert result["reasons"] == {"succeeded": 2}
+    assert [p["plate_id"] for p in result["plates"]] == ["plate-0001", "plate-0002"]
+    for plate in result["plates"]:
+        assert plate["outcome"] == "completed"
+        assert plate["reason"] == "succeeded"
+        assert plate["error"] is None
+        assert plate["result"]["hit_count"] >= 0
+        assert Path(plate["result"]["report"]).is_file()
+    journal = Path(result["journal"])
+    assert journal == tmp_path.resolve() / "output" / "journal.jsonl"
+    assert replay(Journal.load(journal)).state == "completed"
+    assert "test: executing" in captured.err, "progress goes to stderr"
+    assert "Traceback" not in captured.err
+    assert multiprocessing.active_children() == []
+
+
+def test_run_exits_1_when_a_plate_fails_and_quiet_writes_nothing_to_stderr(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    batch = _batch(tmp_path, plates=3, corrupt=True)
+    assert main(["run", str(batch), "-q", "--json"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    result = json.loads(captured.out)
+    _check_result_schema(result)
+    assert result["outcome"] == "failed"
+    assert result["exit_code"] == 1
+    (failed,) = [p for p in result["plates"] if p["outcome"] == "failed"]
+    assert failed["plate_id"] == "plate-0003"
+    assert failed["reason"] == "execution_failed"
+    assert "signal 'saturated'" in failed["error"]
+
+
+def test_run_without_json_prints_a_human_summary_and_verbose_shows_every_move(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    batch = _batch(tmp_path, plates=1)
+    assert main(["run", str(batch), "-v"]) == 0
+    captured = capsys.readouterr()
+    assert "batch completed: 1 completed" in captured.out
+    assert "plate-0001   completed" in captured.out
+    assert f"journal in {tmp_path.resolve() / 'output' / 'journal.jsonl'}" in captured.out
+    for state in ("queued", "compiling", "compiled", "executing"):
+        assert f"plate-0001 {state}" in captured.err
+    assert "\x1b[" not in captured.err, "no colour and no live view when stderr is not a terminal"
+
+
+def test_compile_only_compiles_every_plate_and_executes_none(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    batch = _batch(tmp_path, corrupt=True)  # a bad file only fails at execution
+    assert main(["run", str(batch), "--compile-only", "--json", "-q"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    _check_result_schema(result)
+    assert result["mode"] == "compile_only"
+    assert result["outcome"] == "completed"
+    assert result["counts"] == {"compiled": 2}
+    assert all(set(p["result"]) == {"artifact_id"} for p in result["plates"])
+    assert not list((tmp_path / "output").glob("*.report.json"))
+
+
+def test_the_journal_option_writes_a_journal_that_journal_show_reads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    batch = _batch(tmp_path, plates=2, corrupt=True)
+    journal = tmp_path / "logs" / "run.jsonl"
+    assert main(["run", str(batch), "--journal", str(journal)]) == 1
+    assert f"journal in {journal}" in capsys.readouterr().out
+    assert not (tmp_path / "output" / "journal.jsonl").exists()
+    assert replay(Journal.load(journal)).state == "failed"
+    assert main(["journal", "show", str(journal), "--plate", "plate-0002"]) == 0
+    out = capsys.readouterr().out
+    assert "plate-0002:" in out
+    assert "executing->failed" in out
+    assert "signal 'saturated'" in out
+
+
+def test_cancel_after_cancels_the_batch_and_exits_130(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    batch = _batch(tmp_path, pause=60.0, cancel_grace=5.0)
+    started = time.monotonic()
+    assert main(["run", str(batch), "--cancel-after", "0.5", "--json"]) == 130
+    assert time.monotonic() - started < 30, "the cancel stopped the 60 s pauses"
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    _check_result_schema(result)
+    assert result["outcome"] == "cancelled"
+    assert result["exit_code"] == 130
+    assert {p["outcome"] for p in result["plates"]} == {"cancelled"}
+    assert "0.5 s passed: cancelling the batch" in captured.err
+    assert replay(Journal.load(result["journal"])).state == "cancelled"
+    assert multiprocessing.active_children() == []
+
+
+# --- errors: one line, exit 2, no traceback -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('name = "x"\nmode =\n', "batch.toml: line 2, column 7: invalid TOML: Invalid value"),
+        ("{plates}\n[engine]\nkind = 'local'\nworkers = -1\n", "engine.workers: Input should be"),
+        ('policy = "abort"\nretries = 3\n{plates}', "retries: unknown key 'retries'"),
+        (
+            '[[plates]]\nid = "a"\npath = "missing.csv"\n',
+            "plates[0].path: plate file {folder}/missing.csv does not exist",
+        ),
+        ("", "plates: required, but missing"),
+    ],
+    ids=["toml-syntax", "bad-field", "unknown-key", "missing-plate-file", "missing-section"],
+)
+def test_a_bad_batch_file_is_one_clear_error_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, expected: str
+) -> None:
+    (tmp_path / "a.csv").write_text("well,role,signal\n", encoding="utf-8")
+    plates = '[[plates]]\nid = "a"\npath = "a.csv"\n'
+    pipeline = '[[pipeline.steps]]\nfunction = "plateflow.examples.platereader:read_plate"\n'
+    path = tmp_path / "batch.toml"
+    path.write_text(text.replace("{plates}", plates) + pipeline, encoding="utf-8")
+    assert main(["run", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"plateflow: error: {path}: ")
+    assert expected.format(folder=tmp_path.resolve()) in captured.err
+    assert "Traceback" not in captured.err
+    assert not (tmp_path / "output").exists(), "nothing ran, nothing was written"
+
+
+def test_a_missing_batch_file_and_a_bad_flag_value_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", str(tmp_path / "nope.toml")]) == 2
+    assert capsys.readouterr().err == f"plateflow: error: {tmp_path / 'nope.toml'}: no such file\n"
+    batch = _batch(tmp_path, plates=1)
+    assert main(["run", str(batch), "--cancel-after", "-1"]) == 2
+    assert "--cancel-after must be" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:  # argparse's own usage errors exit 2 as well
+        main(["run", str(batch), "--engine", "nonsense"])
+    assert exited.value.code == 2
+
+
+def test_an_engine_that_cannot_be_reached_exits_3_and_runs_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    engine = ZmqEngineSettings(runtime_dir="nowhere", start_server=False)
+    batch = _batch(tmp_path, plates=1, engine=engine)
+    assert main(["run", str(batch)]) == 3
+    captured = capsys.readouterr()
+    assert captured.err.startswith("plateflow: error: the engine is unavailable: ")
+    assert "no plateflow server is running in" in captured.err
+    assert "Traceback" not in captured.err
+    assert not list(tmp_path.glob("output/*.json*")), "no journal: no batch started"
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_status_without_a_server_is_a_clear_error_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], exists: bool
+) -> None:
+    runtime_dir = tmp_path / "rt"
+    if exists:
+        runtime_dir.mkdir(mode=0o700)
+        (runtime_dir / "server.json").write_text("{}", encoding="utf-8")  # stale, no lock held
+    assert main(["status", "--runtime-dir", str(runtime_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("plateflow: error: no plateflow server is running in ")
+    assert str(runtime_dir) in err
+    assert "Traceback" not in err
+    assert runtime_dir.exists() is exists, "status creates nothing"
+
+
+def test_help_lists_every_command_without_loading_the_statecharts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("demo", "run", "status", "journal", "serve", "diagram"):
+        assert command in out
+    assert "130 cancelled" in out
+
+
+# --- real processes: Ctrl-C and the embedded server --------------------------------------------
+
+
+class _Process:
+    """A ``plateflow`` subprocess in its own session, its stderr read line by line."""
+
+    def __init__(self, *args: str) -> None:
+        env = {**os.environ, "NO_COLOR": "1"}
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "plateflow", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            start_new_session=True,  # its own process group: a terminal's Ctrl-C reaches all
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.err: list[str] = []
+        self.out: list[str] = []
+        self.readers = [
+            threading.Thread(target=self._read_err, daemon=True),
+            threading.Thread(target=self._read_out, daemon=True),
+        ]
+        for reader in self.readers:
+            reader.start()
+
+    def _read_err(self) -> None:
+        assert self.popen.stderr is not None
+        for line in self.popen.stderr:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def _read_out(self) -> None:
+        assert self.popen.stdout is not None
+        self.out.append(self.popen.stdout.read())
+
+    def wait_for_line(self, text: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.err.append(line)
+            if text in line:
+                return
+        self._stop()
+        raise AssertionError(f"no line with {text!r} within {timeout} s:\n{''.join(self.err)}")
+
+    def _stop(self) -> None:
+        self.popen.kill()
+        self.popen.wait(5)
+        for reader in self.readers:
+            reader.join(5)
+        for pipe in (self.popen.stdout, self.popen.stderr):
+            if pipe is not None:
+                pipe.close()
+
+    def ctrl_c(self) -> None:
+        os.killpg(self.popen.pid, signal.SIGINT)
+
+    def finish(self, timeout: float = 60.0) -> tuple[int, str, str]:
+        try:
+            code = self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._stop()
+            raise
+        for reader in self.readers:
+            reader.join(5)
+        for pipe in (self.popen.stdout, self.popen.stderr):
+            if pipe is not None:
+                pipe.close()
+        while (line := self.lines.get(timeout=5)) is not None:
+            self.err.append(line)
+        return code, "".join(self.out), "".join(self.err)
+
+
+def test_ctrl_c_cancels_the_batch_cleanly_and_exits_130(tmp_path: Path) -> None:
+    batch = _batch(tmp_path, pause=60.0, cancel_grace=5.0)
+    process = _Process("run", str(batch))
+    process.wait_for_line("test: executing")
+    process.ctrl_c()
+    code, out, err = process.finish()
+    assert code == 130, err
+    assert "interrupted: cancelling the batch" in err
+    assert "batch cancelled: 2 cancelled" in out
+    assert "Traceback" not in err
+    journal = Journal.load(tmp_path / "output" / "journal.jsonl")
+    assert replay(journal).state == "cancelled"
+
+
+def test_a_batch_on_the_embedded_server_shows_in_status_and_ctrl_c_stops_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runtime_dir = tmp_path / "server"
+    batch = _batch(
+        tmp_path, pause=60.0, cancel_grace=5.0, engine=ZmqEngineSettings(runtime_dir="server")
+    )
+    process = _Process("run", str(batch), "--json")
+    process.wait_for_line("test: executing")
+    assert main(["status", "--runtime-dir", str(runtime_dir), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["running"] + info["queued"] == 2
+    assert {s["phase"] for s in info["running_submissions"]} == {"execute"}
+    assert main(["status", "--runtime-dir", str(runtime_dir)]) == 0
+    human = capsys.readouterr().out
+    assert human.startswith(f"server {info['server_id']} (pid {info['pid']})")
+    assert "plate-0001" in human
+    assert "queued" in human
+    process.ctrl_c()
+    code, out, err = process.finish()
+    assert code == 130, err
+    result = json.loads(out)
+    assert result["outcome"] == "cancelled"
+    assert result["engine"] == "zmq"
+    assert (runtime_dir / "server.log").exists()
+    assert not (runtime_dir / "server.json").exists(), "the server the run started was stopped"
+    assert main(["status", "--runtime-dir", str(runtime_dir)]) == 2
+
+
+# --- the CLI host on its own ------------------------------------------------------------------
+
+
+class _Terminal(io.StringIO):
+    encoding = "utf-8"
+
+    def isatty(self) -> bool:
+        return True
+
+
+def _drive(host: CliHost) -> None:
+    """A two-plate batch, callback by callback, as the service would call them."""
+    host.emit_progress_started(2)
+    host.update_button_states(BatchState.COMPILING)
+    for plate in ("p1", "p2"):
+        host.emit_orchestrator_state(plate, PlateState.COMPILING)
+    host.update_button_states(BatchState.EXECUTING)
+    host.emit_orchestrator_state("p1", PlateState.EXECUTING)
+    host.on_plate_completed("p1", PlateOutcome.COMPLETED, {"hit_count": 3, "hits": []})
+    host.emit_error("worker lost", code="x", plate_id="p2")
+    host.on_plate_completed("p2", PlateOutcome.FAILED, {"error": "boom\nmore", "exit_code": -9})
+
+
+def test_the_cli_host_is_a_batch_host_writing_plain_lines_off_a_terminal() -> None:
+    stream = io.StringIO()
+    host = CliHost(stream)
+    assert isinstance(host, BaseBatchHost)
+    assert not host.live
+    assert not host.colour
+    _drive(host)
+    text = stream.getvalue()
+    assert "batch: executing" in text
+    assert "p1 completed in " in text
+    assert "p2 failed in " in text
+    assert ": boom" in text
+    assert "error: p2: worker lost" in text
+    assert "\x1b" not in text
+    assert host.plates["p2"].error == "boom\nmore"
+    assert host.plates["p1"].duration is not None
+
+
+def test_the_cli_host_draws_a_live_view_in_colour_on_a_terminal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    stream = _Terminal()
+    host = CliHost(stream, title="screen")
+    assert host.live
+    assert host.colour
+    _drive(host)
+    text = stream.getvalue()
+    assert "\x1b[32m" in text, "completed plates are green"
+    assert "\x1b[F" in text or "F\x1b[J" in text, "the view is redrawn in place"
+    assert "screen  executing" in text
+    assert "█" in text
+
+
+def test_no_color_turns_colour_off_but_keeps_the_live_view(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("TERM", "xterm")
+    stream = _Terminal()
+    host = CliHost(stream)
+    assert host.live
+    assert not host.colour
+    _drive(host)
+    assert not re.search(r"\x1b\[[\d;]*m", stream.getvalue()), "no colour codes"
+    assert "\x1b[J" in stream.getvalue()
+
+
+def test_the_quiet_cli_host_writes_only_errors() -> None:
+    stream = io.StringIO()
+    _drive(CliHost(stream, verbosity=-1))
+    (line,) = stream.getvalue().splitlines()
+    assert line.endswith("error: p2: worker lost")

@@ -69,8 +69,10 @@ def test_the_cli_uses_only_what_a_host_could_use() -> None:
         if name.startswith("plateflow"):
             assert name in {
                 "plateflow",
+                "plateflow.batchfile",
                 "plateflow.engines.local",
                 "plateflow.engines.zmq.engine",
                 "plateflow.engines.zmq.server",
                 "plateflow.examples.platereader",
+                "plateflow.statecharts",
             }

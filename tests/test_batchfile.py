@@ -1,0 +1,350 @@
+"""Batch files: what a valid one means, and how every kind of bad one is reported."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from plateflow import BatchMode, CompileFailurePolicy, UsageError
+from plateflow.batchfile import (
+    BatchFile,
+    BatchFileError,
+    LocalEngineSettings,
+    PipelineSection,
+    PlateEntry,
+    StepEntry,
+    ZmqEngineSettings,
+    engine_kinds,
+    engine_settings_for,
+    load_batch_file,
+    parse_batch_file,
+    render_batch_file,
+)
+from plateflow.engines.local import LocalEngine
+from plateflow.engines.zmq.engine import ZmqEngine
+
+STEP = "plateflow.examples.platereader"
+PIPELINE = f"""
+[pipeline]
+name = "p"
+[[pipeline.steps]]
+function = "{STEP}:read_plate"
+[[pipeline.steps]]
+function = "{STEP}:normalise"
+params = {{ method = "robust_z" }}
+"""
+
+
+def _write(folder: Path, text: str, name: str = "batch.toml") -> Path:
+    path = folder / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _plates(folder: Path, *names: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_text("well,role,signal\n", encoding="utf-8")
+
+
+def _error(path: Path) -> BatchFileError:
+    with pytest.raises(BatchFileError) as caught:
+        load_batch_file(path)
+    assert isinstance(caught.value, UsageError), "the CLI reports it as a usage error"
+    return caught.value
+
+
+def test_a_minimal_file_gets_the_documented_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _plates(tmp_path / "data", "a.csv")
+    path = _write(tmp_path, f'[[plates]]\nid = "A"\npath = "data/a.csv"\n{PIPELINE}')
+    monkeypatch.chdir("/")  # relative paths resolve against the file's folder, not the cwd
+    loaded = load_batch_file(path)
+    spec = loaded.spec
+    assert spec.mode is BatchMode.RUN
+    assert spec.policy is CompileFailurePolicy.ABORT
+    assert isinstance(spec.engine, ZmqEngineSettings)
+    assert spec.engine.runtime_dir is None
+    assert spec.engine.start_server
+    assert (spec.status_interval, spec.progress_interval, spec.cancel_grace) == (1.0, 0.1, 10.0)
+    assert loaded.name == "batch"
+    assert loaded.output_dir == tmp_path.resolve() / "output"
+    assert loaded.journal == loaded.output_dir / "journal.jsonl"
+    assert [(p.plate_id, p.path) for p in loaded.plates] == [
+        ("A", str(tmp_path.resolve() / "data" / "a.csv"))
+    ]
+    assert [s.function for s in loaded.pipeline.steps] == [
+        f"{STEP}:read_plate",
+        f"{STEP}:normalise",
+    ]
+    assert loaded.pipeline.steps[1].params == {"method": "robust_z"}
+    assert loaded.pipeline.name == "p"
+
+
+def test_every_field_is_read(tmp_path: Path) -> None:
+    _plates(tmp_path / "in", "p1.csv", "p2.csv", "p3.csv")
+    _plates(tmp_path / "extra", "x.csv")
+    path = _write(
+        tmp_path,
+        f"""
+name = "screen"
+mode = "compile_only"
+policy = "continue"
+output_dir = "out"
+journal = "logs/j.jsonl"
+status_interval = 0.25
+progress_interval = 0.5
+cancel_grace = 3
+
+[[plates]]
+glob = "in/*.csv"
+
+[[plates]]
+id = "extra"
+path = "extra/x.csv"
+{PIPELINE}
+[engine]
+kind = "local"
+workers = 2
+allow = ["tests.steps_for_tests"]
+cancel_grace = 0.5
+""",
+    )
+    loaded = load_batch_file(path)
+    base = tmp_path.resolve()
+    assert loaded.name == "screen"
+    assert loaded.spec.mode is BatchMode.COMPILE_ONLY
+    assert loaded.spec.policy is CompileFailurePolicy.CONTINUE
+    assert loaded.output_dir == base / "out"
+    assert loaded.journal == base / "logs" / "j.jsonl"
+    assert [p.plate_id for p in loaded.plates] == ["p1", "p2", "p3", "extra"]
+    engine = loaded.spec.engine
+    assert isinstance(engine, LocalEngineSettings)
+    assert (engine.workers, engine.cancel_grace) == (2, 0.5)
+    assert engine.allowed_modules == (STEP, "tests.steps_for_tests")
+    built = loaded.build_engine()
+    assert isinstance(built, LocalEngine)
+    assert built.output_dir == str(base / "out")
+
+
+def test_the_zmq_engine_section_builds_a_zmq_engine_in_its_runtime_dir(tmp_path: Path) -> None:
+    _plates(tmp_path, "a.csv")
+    path = _write(
+        tmp_path,
+        f'[[plates]]\nglob = "*.csv"\n{PIPELINE}\n[engine]\nkind = "zmq"\nruntime_dir = "srv"\n'
+        "heartbeat_timeout = 5\nstart_server = false\n",
+    )
+    engine = load_batch_file(path).build_engine()
+    assert isinstance(engine, ZmqEngine)
+    assert engine.runtime_dir == tmp_path.resolve() / "srv"
+
+
+def test_the_engine_can_be_swapped_keeping_workers_and_allowed_modules() -> None:
+    zmq = ZmqEngineSettings(workers=3, allow=("tests.steps_for_tests",))
+    local = engine_settings_for("local", zmq)
+    assert isinstance(local, LocalEngineSettings)
+    assert (local.workers, local.allow) == (3, ("tests.steps_for_tests",))
+    assert engine_settings_for("zmq", zmq) is zmq
+    assert set(engine_kinds()) >= {"zmq", "local"}
+    with pytest.raises(UsageError, match="unknown engine kind 'slurm'"):
+        engine_settings_for("slurm")
+
+
+def test_a_toml_syntax_error_names_the_file_line_and_column(tmp_path: Path) -> None:
+    path = _write(tmp_path, 'name = "x"\nmode = \n')
+    error = _error(path)
+    assert str(error).startswith(f"{path}: line 2, column 8: invalid TOML")
+    assert error.problems == ("line 2, column 8: invalid TOML: Invalid value",)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('mode = "fast"', "mode: Input should be 'compile_only' or 'run' (got 'fast')"),
+        ('policy = "retry"', "policy: Input should be 'abort' or 'continue' (got 'retry')"),
+        ("status_interval = 0", "status_interval: Input should be greater than 0 (got 0)"),
+        ("progress_interval = nan", "progress_interval: Input should be a finite number"),
+        ('[engine]\nworkers = "4"', "engine.workers: Input should be a valid integer"),
+        ("[engine]\nkind = 'local'\nworkers = 0", "engine.workers: Input should be greater than"),
+        ("[engine]\nkind = 'slurm'", "engine.kind: unknown kind 'slurm'; use one of zmq, local"),
+    ],
+)
+def test_a_bad_value_names_its_field_path(tmp_path: Path, text: str, problem: str) -> None:
+    _plates(tmp_path, "a.csv")
+    body = f'{text}\n[[plates]]\nid = "a"\npath = "a.csv"\n{PIPELINE}'
+    if text.startswith("[engine]"):  # the engine table goes last, after the others
+        body = f'[[plates]]\nid = "a"\npath = "a.csv"\n{PIPELINE}\n{text}\n'
+    error = _error(_write(tmp_path, body))
+    assert len(error.problems) == 1, error.problems
+    assert error.problems[0].startswith(problem), error.problems
+
+
+def test_nested_errors_name_the_list_index(tmp_path: Path) -> None:
+    text = f"""
+[[plates]]
+id = "a"
+path = "a.csv"
+[[plates]]
+id = "b"
+[pipeline]
+[[pipeline.steps]]
+function = "{STEP}:read_plate"
+[[pipeline.steps]]
+function = "read_plate"
+[[pipeline.steps]]
+function = "{STEP}:call_hits"
+params = {{ when = 1979-05-27 }}
+"""
+    error = _error(_write(tmp_path, text))
+    assert error.problems[0] == "plates[1]: a plate needs path (or a glob instead)"
+    assert error.problems[1].startswith(
+        "pipeline.steps[1].function: 'read_plate' does not name a step; write it as "
+        "package.module:function"
+    )
+    assert error.problems[2].startswith("pipeline.steps[2].params.when")
+    assert str(error).startswith(f"{tmp_path / 'batch.toml'}: 3 problems\n  plates[1]: ")
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('polcy = "abort"', "polcy: unknown key 'polcy'; did you mean 'policy'?"),
+        ("[engine]\nruntime_directory = 'x'", "engine.runtime_directory: unknown key"),
+        (
+            "[engine]\nkind = 'local'\nruntime_dir = 'x'",
+            "engine.runtime_dir: unknown key 'runtime_dir' (allowed here: workers, allow, kind, "
+            "cancel_grace)",
+        ),
+        ("[[plates]]\nid = 'b'\npath = 'a.csv'\ncolour = 'red'", "plates[1].colour: unknown key"),
+    ],
+)
+def test_unknown_keys_are_errors(tmp_path: Path, text: str, problem: str) -> None:
+    _plates(tmp_path, "a.csv")
+    body = f'[[plates]]\nid = "a"\npath = "a.csv"\n{PIPELINE}'
+    body = f"{body}\n{text}\n" if text.startswith("[") else f"{text}\n{body}"
+    error = _error(_write(tmp_path, body))
+    assert error.problems[0].startswith(problem), error.problems
+    if "did you mean" not in problem:
+        assert "allowed here:" in error.problems[0]
+
+
+def test_the_engine_tag_is_left_out_of_field_paths(tmp_path: Path) -> None:
+    error = _error(
+        _write(tmp_path, f'[[plates]]\nglob = "*"\n{PIPELINE}\n[engine]\nheartbeat_timeout = -1\n')
+    )
+    assert error.problems == ("engine.heartbeat_timeout: Input should be greater than 0 (got -1)",)
+
+
+def test_missing_sections_are_named(tmp_path: Path) -> None:
+    error = _error(_write(tmp_path, 'name = "x"\n'))
+    assert error.problems == ("plates: required, but missing", "pipeline: required, but missing")
+
+
+def test_a_missing_plate_file_a_glob_without_match_and_a_duplicate_id_are_errors(
+    tmp_path: Path,
+) -> None:
+    _plates(tmp_path / "in", "a.csv")
+    (tmp_path / "folder.csv").mkdir()
+    text = f"""
+[[plates]]
+id = "a"
+path = "in/a.csv"
+[[plates]]
+id = "gone"
+path = "in/gone.csv"
+[[plates]]
+glob = "nothing/*.csv"
+[[plates]]
+glob = "in/*.csv"
+[[plates]]
+id = "dir"
+path = "folder.csv"
+{PIPELINE}"""
+    error = _error(_write(tmp_path, text))
+    base = tmp_path.resolve()
+    assert error.problems == (
+        f"plates[1].path: plate file {base / 'in' / 'gone.csv'} does not exist",
+        f"plates[2].glob: 'nothing/*.csv' matches no file (in {base})",
+        "plates[3].glob (a.csv): plate id 'a' is already used by plates[0]",
+        f"plates[4].path: {base / 'folder.csv'} is not a file",
+    )
+
+
+def test_a_plate_gives_either_a_path_or_a_glob(tmp_path: Path) -> None:
+    error = _error(_write(tmp_path, f'[[plates]]\nid = "a"\nglob = "*.csv"\n{PIPELINE}'))
+    assert error.problems == (
+        "plates[0]: give either id and path (one plate) or glob (a plate per file), not both",
+    )
+
+
+def test_steps_from_a_module_the_engine_does_not_allow_are_refused(tmp_path: Path) -> None:
+    _plates(tmp_path, "a.csv")
+    text = '[[plates]]\nglob = "*.csv"\n[[pipeline.steps]]\nfunction = "os:remove"\n'
+    error = _error(_write(tmp_path, text))
+    assert error.problems == (
+        "pipeline.steps[0].function: module 'os' is not allowed; add it to allow in [engine] "
+        f"(allowed now: {STEP})",
+    )
+    allowed = _write(tmp_path, text + '[engine]\nkind = "local"\nallow = ["os"]\n', "ok.toml")
+    assert load_batch_file(allowed).pipeline.steps[0].function == "os:remove"
+
+
+@pytest.mark.parametrize(
+    ("setup", "problem"),
+    [
+        ("missing", "no such file"),
+        ("directory", "is a directory, not a batch file"),
+        ("latin1", "not UTF-8 text (byte 6): a batch file is TOML, UTF-8"),
+    ],
+)
+def test_unreadable_files_are_reported(tmp_path: Path, setup: str, problem: str) -> None:
+    path = tmp_path / "batch.toml"
+    if setup == "directory":
+        path.mkdir()
+    elif setup == "latin1":
+        path.write_bytes(b'name="\xe9"\n')
+    error = _error(path)
+    assert error.problems == (problem,)
+    assert str(error) == f"{path}: {problem}"
+
+
+def test_many_problems_are_capped(tmp_path: Path) -> None:
+    plates = "".join(f'[[plates]]\nid = "p{i}"\n' for i in range(15))
+    error = _error(_write(tmp_path, plates + PIPELINE))
+    assert len(error.problems) == 11
+    assert error.problems[-1] == "... and 5 more"
+
+
+def test_a_rendered_batch_file_reads_back_equal(tmp_path: Path) -> None:
+    batch = BatchFile(
+        name='quotes " and \\ and é',
+        policy=CompileFailurePolicy.CONTINUE,
+        output_dir="reports",
+        status_interval=0.5,
+        plates=(PlateEntry(id="a b", path="plates/a b.csv"), PlateEntry(glob="more/*.csv")),
+        pipeline=PipelineSection(
+            steps=(
+                StepEntry(function=f"{STEP}:read_plate"),
+                StepEntry(
+                    function=f"{STEP}:normalise",
+                    params={"method": "robust_z", "odd key": [1, 2.5, True, {"x": "y"}]},
+                ),
+            )
+        ),
+        engine=LocalEngineSettings(workers=2),
+    )
+    text = render_batch_file(batch, comment="a comment\nover two lines")
+    assert text.startswith("# a comment\n# over two lines\n")
+    assert parse_batch_file(text) == batch
+    with pytest.raises(ValueError, match="TOML has no null"):
+        render_batch_file(
+            batch.model_copy(
+                update={
+                    "pipeline": PipelineSection(
+                        steps=(StepEntry(function=f"{STEP}:pause", params={"seconds": None}),)
+                    )
+                }
+            )
+        )
