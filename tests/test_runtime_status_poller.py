@@ -7,6 +7,8 @@ import itertools
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
+import pytest
+
 from plateflow.core.facts import ExecutionAccepted, ExecutionStarted, Fact
 from plateflow.engines.base import Submission
 from plateflow.runtime import ExecutionStatusPoller, PollTimeout
@@ -72,7 +74,10 @@ def test_one_batched_query_per_interval_for_a_thousand_submissions() -> None:
     delivered: list[Fact] = []
 
     async def main() -> ExecutionStatusPoller:
-        poller = ExecutionStatusPoller(engine.status, delivered.append, interval=INTERVAL)
+        # max_backoff=1: the 997 the engine never answers about are asked about every time
+        poller = ExecutionStatusPoller(
+            engine.status, delivered.append, interval=INTERVAL, max_backoff=1
+        )
         loop = asyncio.get_running_loop()
         began = loop.time()
         for i in range(1000):
@@ -261,3 +266,26 @@ def test_a_submission_heard_from_within_the_interval_is_not_asked_about() -> Non
     assert engine.asked[:3] == [("b.1.x",)] * 3
     assert engine.asked[3] == ("b.0.x", "b.1.x")
     assert poller.statistics().submissions_queried == 5
+
+
+def test_each_unchanged_answer_doubles_the_wait_up_to_max_backoff() -> None:
+    interval = 0.05
+    engine = Engine(constant=True)
+
+    async def main() -> None:
+        poller = ExecutionStatusPoller(
+            engine.status, lambda fact: None, interval=interval, max_backoff=8
+        )
+        poller.track(submission(0))
+        await wait_until(lambda: len(engine.calls) >= 6, timeout=10.0)
+        await poller.stop()
+
+    run(main(), timeout=15.0)
+    times = [t for t, _ in engine.calls[:6]]
+    gaps = [(b - a) / interval for a, b in itertools.pairwise(times)]
+    # the first answer is news (wait 1), then unchanged: 2, 4, 8, and 8 again (the cap);
+    # the loop looks once per interval, so a due ask can come up to one interval late
+    for gap, expected in zip(gaps, [1, 2, 4, 8, 8], strict=True):
+        assert expected * 0.9 <= gap <= expected + 1 + 10 * interval, gaps
+    with pytest.raises(ValueError, match="max_backoff"):
+        ExecutionStatusPoller(engine.status, lambda fact: None, max_backoff=0.5)

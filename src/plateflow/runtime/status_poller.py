@@ -10,10 +10,14 @@ or stale, so the loop needs no knowledge of plate state: it is a safety net,
 not a second source of truth.
 
 The net costs little when pushes work: a submission the service ``heard``
-about within the last interval is not asked about, and an answer of the same
-kind as the last answer about that submission (a queued execution still
+about within the last interval is not asked about; an answer of the same kind
+as the last answer about that submission (a queued execution still
 ``accepted``, a running one still ``started``) is dropped here instead of
-reaching the batch, whose journal would keep it as one more duplicate.
+reaching the batch, whose journal would keep it as one more duplicate; and
+each unchanged answer doubles the time until that submission is asked about
+again, up to ``max_backoff`` intervals. News or a changed answer resets it.
+So a lost push is found within ``max_backoff * interval`` seconds, and ten
+thousand queued submissions cost a few queries, not one per second each.
 
 The loop exists only while something is tracked: ``track`` starts it,
 untracking the last submission ends it, so an idle service runs no timer at
@@ -85,18 +89,24 @@ class ExecutionStatusPoller:
         *,
         interval: float = 2.0,
         timeout: float = 10.0,
+        max_backoff: float = 8.0,
         on_error: Callable[[BaseException], None] | None = None,
     ) -> None:
         if interval <= 0 or timeout <= 0:
             raise ValueError("interval and timeout must be positive")
+        if max_backoff < 1:
+            raise ValueError("max_backoff must be at least 1 (interval)")
+        self._max_backoff = max_backoff
         self._query = query
         self._sink = sink
         self._interval = interval
         self._timeout = timeout
         self._on_error = on_error or _log_error
         self._tracked: dict[str, Submission] = {}
-        self._heard: dict[str, float] = {}
-        """Loop time of the last news about each tracked submission."""
+        self._due: dict[str, float] = {}
+        """Loop time when each tracked submission is next asked about."""
+        self._quiet: dict[str, int] = {}
+        """Unchanged answers in a row about each tracked submission."""
         self._answers: dict[str, type[Fact]] = {}
         """The kind of the last status answer about each tracked submission."""
         self._task: asyncio.Task[None] | None = None
@@ -119,7 +129,8 @@ class ExecutionStatusPoller:
         """
         loop = asyncio.get_running_loop()
         self._tracked[submission.submission_id] = submission
-        self._heard[submission.submission_id] = loop.time()
+        self._due[submission.submission_id] = loop.time() + self._interval
+        self._quiet[submission.submission_id] = 0
         self._answers.pop(submission.submission_id, None)
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._run(), name="plateflow-status-poller")
@@ -130,15 +141,17 @@ class ExecutionStatusPoller:
         When nothing is left, the loop ends without waiting for its next tick.
         """
         self._tracked.pop(submission_id, None)
-        self._heard.pop(submission_id, None)
+        self._due.pop(submission_id, None)
+        self._quiet.pop(submission_id, None)
         self._answers.pop(submission_id, None)
         if not self._tracked:
             self._wake()
 
     def heard(self, submission_id: str) -> None:
         """News about a submission arrived: it need not be asked about for an interval."""
-        if submission_id in self._heard:
-            self._heard[submission_id] = asyncio.get_running_loop().time()
+        if submission_id in self._due:
+            self._due[submission_id] = asyncio.get_running_loop().time() + self._interval
+            self._quiet[submission_id] = 0
 
     def tracked(self) -> tuple[Submission, ...]:
         return tuple(self._tracked.values())
@@ -165,7 +178,8 @@ class ExecutionStatusPoller:
         Idempotent; a later ``track()`` starts a fresh loop.
         """
         self._tracked.clear()
-        self._heard.clear()
+        self._due.clear()
+        self._quiet.clear()
         self._answers.clear()
         task, self._task = self._task, None
         if task is not None and not task.done():
@@ -219,17 +233,30 @@ class ExecutionStatusPoller:
                 return
             everything, self._poll_requested = self._poll_requested, False
             started = loop.time()
-            quiet_since = started - self._interval
             batch = tuple(
                 submission
                 for sid, submission in self._tracked.items()
-                if everything or self._heard.get(sid, quiet_since) <= quiet_since
+                if everything or self._due.get(sid, started) <= started
             )
             if batch:
-                await self._poll_once(batch)
+                changed = await self._poll_once(batch)
+                self._reschedule(batch, changed, started)
             due = started + self._interval
 
-    async def _poll_once(self, batch: tuple[Submission, ...]) -> None:
+    def _reschedule(self, batch: tuple[Submission, ...], changed: set[str], asked: float) -> None:
+        """Ask again after one interval if the answer changed, else after twice as long."""
+        for submission in batch:
+            sid = submission.submission_id
+            quiet = self._quiet.get(sid)
+            if quiet is None:
+                continue  # untracked meanwhile
+            quiet = 0 if sid in changed else quiet + 1
+            self._quiet[sid] = quiet
+            self._due[sid] = asked + self._interval * min(2.0**quiet, self._max_backoff)
+
+    async def _poll_once(self, batch: tuple[Submission, ...]) -> set[str]:
+        """Query once; deliver what changed. Returns the ids whose answer changed."""
+        changed: set[str] = set()
         self._queries += 1
         self._queried += len(batch)
         try:
@@ -243,7 +270,7 @@ class ExecutionStatusPoller:
             if isinstance(exc, PollTimeout):
                 self._timeouts += 1
             self._report(exc)
-            return
+            return {s.submission_id for s in batch}  # no answer: ask again next interval
         for fact in facts:
             sid = _submission_id(fact)
             if sid is not None and sid in self._tracked:
@@ -251,6 +278,7 @@ class ExecutionStatusPoller:
                     self._unchanged += 1
                     continue
                 self._answers[sid] = type(fact)
+                changed.add(sid)
             try:
                 self._sink(fact)
             except Exception as exc:
@@ -258,6 +286,7 @@ class ExecutionStatusPoller:
                 self._report(exc)
             else:
                 self._facts += 1
+        return changed
 
     def _report(self, exc: BaseException) -> None:
         try:
