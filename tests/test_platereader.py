@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -473,6 +474,36 @@ def test_the_steps_on_a_small_plate(tmp_path: Path) -> None:
         "report": str(tmp_path / "small-hits.json"),
     }
     json.dumps(result, allow_nan=False)
+
+
+def test_two_executions_of_one_plate_can_write_its_report_at_once(tmp_path: Path) -> None:
+    # Regression: both writers used one ``.partial`` file, so one rename found it gone.
+    ctx = Host(tmp_path).context("small")
+    calls = call_hits(
+        normalise(subtract_background(read_plate(write_csv(tmp_path, SMALL), ctx), ctx), ctx), ctx
+    )
+    out = tmp_path / "out"
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        host = Host(out)
+        try:
+            barrier.wait(timeout=10)
+            for _ in range(50):
+                write_report(calls, host.context("small"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    assert [p.name for p in out.iterdir()] == ["small.report.json"]  # no partial file left
+    assert json.loads((out / "small.report.json").read_text())["plate_id"] == "small"
 
 
 def test_background_comes_from_the_negatives_without_empty_wells(tmp_path: Path) -> None:

@@ -58,6 +58,7 @@ this module imports modules, not functions or classes, except under
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -67,6 +68,7 @@ import pathlib
 import random
 import re
 import statistics
+import tempfile
 import threading
 import time
 import typing
@@ -488,11 +490,19 @@ def write_report(
     }
     path = os.path.join(ctx.output_dir, _report_name(filename, plate.plate_id))
     os.makedirs(ctx.output_dir, exist_ok=True)
-    partial = f"{path}.partial"
-    with open(partial, "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2)
-        handle.write("\n")
-    os.replace(partial, path)
+    # A partial file of its own: two executions of one plate may write at the same time.
+    fd, partial = tempfile.mkstemp(
+        dir=ctx.output_dir, prefix=f"{os.path.basename(path)}.", suffix=".partial"
+    )
+    try:
+        with open(fd, "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2)
+            handle.write("\n")
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise
     ctx.progress(1, 1, f"wrote {path}")
     return {
         "plate_id": plate.plate_id,
