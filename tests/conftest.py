@@ -1,28 +1,7 @@
-"""Hypothesis profiles: ``dev`` (fast), ``ci`` (derandomised), ``nightly`` (many examples).
+"""Project-specific pytest setup (none at the moment).
 
-Chosen by the ``HYPOTHESIS_PROFILE`` environment variable; ``dev`` when unset.
+The Hypothesis profiles (``dev`` / ``ci`` / ``nightly``, chosen by
+``HYPOTHESIS_PROFILE``) and the testing kit's fixtures come from the
+``plateflow.testing.plugin`` pytest plugin, which the package registers
+through its ``pytest11`` entry point.
 """
-
-from __future__ import annotations
-
-import os
-
-from hypothesis import HealthCheck, settings
-
-settings.register_profile("dev", max_examples=50, deadline=None)
-settings.register_profile(
-    "ci",
-    max_examples=300,
-    derandomize=True,
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-settings.register_profile(
-    "nightly",
-    max_examples=5_000,
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
