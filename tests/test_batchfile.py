@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -10,6 +12,7 @@ from plateflow import BatchMode, CompileFailurePolicy, UsageError
 from plateflow.batchfile import (
     BatchFile,
     BatchFileError,
+    DaskEngineSettings,
     LocalEngineSettings,
     PipelineSection,
     PlateEntry,
@@ -21,6 +24,7 @@ from plateflow.batchfile import (
     parse_batch_file,
     render_batch_file,
 )
+from plateflow.engines.dask import DaskEngine
 from plateflow.engines.local import LocalEngine
 from plateflow.engines.zmq.engine import ZmqEngine
 
@@ -147,9 +151,173 @@ def test_the_engine_can_be_swapped_keeping_workers_and_allowed_modules() -> None
     assert isinstance(local, LocalEngineSettings)
     assert (local.workers, local.allow) == (3, ("tests.steps_for_tests",))
     assert engine_settings_for("zmq", zmq) is zmq
-    assert set(engine_kinds()) >= {"zmq", "local"}
+    assert engine_kinds() == ("zmq", "local", "dask")
     with pytest.raises(UsageError, match="unknown engine kind 'slurm'"):
         engine_settings_for("slurm")
+
+
+# --- kind = "dask" ---------------------------------------------------------------------------
+
+
+def _dask_file(folder: Path, engine: str) -> Path:
+    _plates(folder, "a.csv")
+    return _write(
+        folder, f'[[plates]]\nglob = "*.csv"\n{PIPELINE}\n[engine]\nkind = "dask"\n{engine}'
+    )
+
+
+class _Recorded:
+    """Stands in for DaskEngine: what ``build`` passes, without starting anything."""
+
+    def __init__(self, scheduler_address: str | None = None, **options: Any) -> None:
+        self.scheduler_address = scheduler_address
+        self.options = options
+
+
+def test_the_dask_section_without_a_scheduler_builds_a_local_cluster_engine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _dask_file(
+        tmp_path,
+        "workers = 3\nthreads_per_worker = 2\nprocesses = false\nconnect_timeout = 4\n"
+        'liveness_interval = 0.5\nliveness_timeout = 1.5\nallow = ["tests.steps_for_tests"]\n',
+    )
+    loaded = load_batch_file(path)
+    engine = loaded.spec.engine
+    assert isinstance(engine, DaskEngineSettings)
+    assert engine.scheduler is None
+    assert (engine.workers, engine.threads_per_worker, engine.processes) == (3, 2, False)
+    assert (engine.connect_timeout, engine.liveness_interval, engine.liveness_timeout) == (
+        4.0,
+        0.5,
+        1.5,
+    )
+    monkeypatch.setattr("plateflow.engines.dask.DaskEngine", _Recorded)
+    built = loaded.build_engine()
+    assert isinstance(built, _Recorded)
+    assert built.scheduler_address is None
+    assert built.options == {
+        "n_workers": 3,
+        "threads_per_worker": 2,
+        "processes": False,
+        "allowed_modules": (STEP, "tests.steps_for_tests"),
+        "output_dir": str(tmp_path.resolve() / "output"),
+        "connect_timeout": 4.0,
+        "liveness_interval": 0.5,
+        "liveness_timeout": 1.5,
+    }
+
+
+def test_the_dask_defaults_are_the_engines(tmp_path: Path) -> None:
+    engine = load_batch_file(_dask_file(tmp_path, "")).spec.engine
+    assert isinstance(engine, DaskEngineSettings)
+    assert engine.scheduler is None
+    assert engine.workers is None  # one per CPU
+    assert (engine.threads_per_worker, engine.processes) == (1, True)
+    assert (engine.connect_timeout, engine.liveness_interval, engine.liveness_timeout) == (
+        10.0,
+        1.0,
+        3.0,
+    )
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "tcp://10.0.0.5:8786",
+        "tcp://scheduler.example.org:8786",
+        "tcp://[::1]:8786",
+        "tls://scheduler:8786",
+        "ucx://10.0.0.5:13337",
+        "inproc://10.0.0.5/4242/1",
+    ],
+)
+def test_a_dask_scheduler_address_builds_an_engine_for_that_scheduler(
+    tmp_path: Path, address: str
+) -> None:
+    loaded = load_batch_file(_dask_file(tmp_path, f'scheduler = "{address}"\n'))
+    built = loaded.build_engine()  # only made: nothing connects before start
+    assert isinstance(built, DaskEngine)
+    assert built.scheduler_address == address
+    assert built.output_dir == str(tmp_path.resolve() / "output")
+
+
+@pytest.mark.parametrize(
+    ("engine", "problem"),
+    [
+        (
+            'scheduler = "localhost:8786"',
+            "engine.scheduler: not a Dask scheduler address; did you mean 'tcp://localhost:8786'?",
+        ),
+        (
+            'scheduler = "http://scheduler:8786"',
+            "engine.scheduler: not a Dask scheduler address; write it as tcp://host:port",
+        ),
+        ('scheduler = "tcp://scheduler"', "engine.scheduler: not a Dask scheduler address"),
+        ('scheduler = "tcp://scheduler:0"', "engine.scheduler: not a Dask scheduler address"),
+        ('scheduler = "tcp://scheduler:65536"', "engine.scheduler: not a Dask scheduler address"),
+        ('scheduler = "tcp://a b:1"', "engine.scheduler: not a Dask scheduler address"),
+        ('scheduler = ""', "engine.scheduler: String should have at least 1 character"),
+        ("scheduler = 8786", "engine.scheduler: Input should be a valid string"),
+        ("workers = 0", "engine.workers: Input should be greater than or equal to 1 (got 0)"),
+        ('workers = "2"', "engine.workers: Input should be a valid integer"),
+        ("threads_per_worker = 0", "engine.threads_per_worker: Input should be greater than"),
+        ("threads_per_worker = 1.5", "engine.threads_per_worker: Input should be a valid integer"),
+        ('processes = "no"', "engine.processes: Input should be a valid boolean"),
+        ("processes = 0", "engine.processes: Input should be a valid boolean"),
+        ("connect_timeout = 0", "engine.connect_timeout: Input should be greater than 0 (got 0)"),
+        ("liveness_interval = -1", "engine.liveness_interval: Input should be greater than 0"),
+        ("liveness_timeout = inf", "engine.liveness_timeout: Input should be a finite number"),
+        ('liveness_timeout = "3"', "engine.liveness_timeout: Input should be a valid number"),
+        ('allow = "mine"', "engine.allow: Input should be a valid tuple"),
+        ("allow = [1]", "engine.allow[0]: Input should be a valid string"),
+        (
+            "n_workers = 2",
+            "engine.n_workers: unknown key 'n_workers'; did you mean 'workers'? (allowed here: "
+            "workers, allow, kind, scheduler, threads_per_worker, processes, connect_timeout, "
+            "liveness_interval, liveness_timeout)",
+        ),
+        ('runtime_dir = "srv"', "engine.runtime_dir: unknown key 'runtime_dir'"),
+        (
+            'scheduler = "tcp://10.0.0.5:8786"\nworkers = 4\nprocesses = false',
+            "engine: workers, processes configure the LocalCluster started when no scheduler "
+            "is given; with scheduler = 'tcp://10.0.0.5:8786' the cluster is yours",
+        ),
+    ],
+)
+def test_a_bad_dask_section_names_its_field_path(tmp_path: Path, engine: str, problem: str) -> None:
+    error = _error(_dask_file(tmp_path, engine + "\n"))
+    assert len(error.problems) == 1, error.problems
+    assert error.problems[0].startswith(problem), error.problems
+
+
+def test_dask_settings_move_to_a_scheduler_without_their_local_cluster_keys() -> None:
+    zmq = ZmqEngineSettings(workers=3, allow=("tests.steps_for_tests",))
+    dask = engine_settings_for("dask", zmq)
+    assert isinstance(dask, DaskEngineSettings)
+    assert (dask.workers, dask.allow, dask.scheduler) == (3, ("tests.steps_for_tests",), None)
+    local = DaskEngineSettings(workers=2, processes=False, liveness_timeout=1.0)
+    remote = local.with_scheduler("tcp://10.0.0.5:8786")
+    assert remote.scheduler == "tcp://10.0.0.5:8786"
+    assert (remote.workers, remote.threads_per_worker, remote.processes) == (None, 1, True)
+    assert remote.liveness_timeout == 1.0, "the other settings stay"
+    with pytest.raises(ValueError, match=re.escape("did you mean 'tcp://10.0.0.5:8786'")):
+        local.with_scheduler("10.0.0.5:8786")
+
+
+def test_a_rendered_dask_section_reads_back_equal() -> None:
+    for engine in (
+        DaskEngineSettings(workers=2, processes=False, liveness_interval=0.25),
+        DaskEngineSettings(scheduler="tls://[fe80::1]:8786", allow=("mine",)),
+    ):
+        batch = BatchFile(
+            plates=(PlateEntry(glob="*.csv"),),
+            pipeline=PipelineSection(steps=(StepEntry(function=f"{STEP}:read_plate"),)),
+            engine=engine,
+        )
+        text = render_batch_file(batch)
+        assert 'kind = "dask"' in text
+        assert parse_batch_file(text) == batch
 
 
 def test_a_toml_syntax_error_names_the_file_line_and_column(tmp_path: Path) -> None:
@@ -168,7 +336,10 @@ def test_a_toml_syntax_error_names_the_file_line_and_column(tmp_path: Path) -> N
         ("progress_interval = nan", "progress_interval: Input should be a finite number"),
         ('[engine]\nworkers = "4"', "engine.workers: Input should be a valid integer"),
         ("[engine]\nkind = 'local'\nworkers = 0", "engine.workers: Input should be greater than"),
-        ("[engine]\nkind = 'slurm'", "engine.kind: unknown kind 'slurm'; use one of zmq, local"),
+        (
+            "[engine]\nkind = 'slurm'",
+            "engine.kind: unknown kind 'slurm'; use one of zmq, local, dask",
+        ),
     ],
 )
 def test_a_bad_value_names_its_field_path(tmp_path: Path, text: str, problem: str) -> None:

@@ -9,6 +9,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from distributed import Scheduler, Worker
 
 from plateflow import BaseBatchHost, BatchState, Journal, PlateOutcome, PlateState, replay
 from plateflow.batchfile import (
     AnyEngineSettings,
     BatchFile,
+    DaskEngineSettings,
     LocalEngineSettings,
     PipelineSection,
     PlateEntry,
@@ -315,6 +318,159 @@ def test_an_engine_that_cannot_be_reached_exits_3_and_runs_nothing(
     assert "no plateflow server is running in" in captured.err
     assert "Traceback" not in captured.err
     assert not list(tmp_path.glob("output/*.json*")), "no journal: no batch started"
+
+
+# --- plateflow run on Dask ------------------------------------------------------------------
+
+# Short liveness and connect bounds: a test never waits the defaults out.
+DASK_BOUNDS: dict[str, Any] = {
+    "connect_timeout": 5.0,
+    "liveness_interval": 0.5,
+    "liveness_timeout": 2.0,
+}
+
+
+def _closed_port() -> int:
+    """A local TCP port nothing listens on (bound, then closed again)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def _plateflow(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "plateflow", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "NO_COLOR": "1"},
+        check=False,
+    )
+
+
+def _check_dask_result(result: dict[str, Any], folder: Path, plates: int) -> None:
+    _check_result_schema(result)
+    assert result["engine"] == "dask"
+    assert result["outcome"] == "completed"
+    assert result["exit_code"] == 0
+    assert result["counts"] == {"completed": plates}
+    assert result["reasons"] == {"succeeded": plates}
+    assert [p["plate_id"] for p in result["plates"]] == [
+        f"plate-{i:04d}" for i in range(1, plates + 1)
+    ]
+    for plate in result["plates"]:
+        assert plate["outcome"] == "completed"
+        assert plate["error"] is None
+        assert plate["result"]["hit_count"] >= 0
+        report = Path(plate["result"]["report"])
+        assert report.parent == folder.resolve() / "output", "the workers wrote to output_dir"
+        assert report.is_file()
+    assert replay(Journal.load(result["journal"])).state == "completed"
+
+
+def test_run_on_a_dask_local_cluster_the_engine_starts_exits_0_with_a_json_result(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Worker threads of this process (processes = false): a real LocalCluster, cheap to start.
+    engine = DaskEngineSettings(workers=2, processes=False, **DASK_BOUNDS)
+    batch = _batch(tmp_path, plates=3, engine=engine)
+    assert main(["run", str(batch), "--engine", "dask", "--json"]) == 0
+    captured = capsys.readouterr()
+    _check_dask_result(json.loads(captured.out), tmp_path, 3)
+    assert "test: executing" in captured.err
+    assert "Traceback" not in captured.err
+    # The engine stopped the cluster it started (distributed tracks its live servers).
+    servers = [*Scheduler._instances, *Worker._instances]
+    assert all(server.status.name == "closed" for server in servers), servers
+
+
+def test_engine_dask_overrides_the_batch_files_engine_with_worker_processes(
+    tmp_path: Path,
+) -> None:
+    # The file asks for the local engine; --engine dask runs it on a LocalCluster of worker
+    # processes instead, keeping the file's workers (one).
+    batch = _batch(tmp_path, plates=1, engine=LocalEngineSettings(workers=1))
+    done = _plateflow("run", str(batch), "--engine", "dask", "--json", "-q")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    _check_dask_result(json.loads(done.stdout), tmp_path, 1)
+
+
+@pytest.mark.parametrize("given_by", ["batch-file", "flag"])
+def test_an_unreachable_dask_scheduler_exits_3_with_one_line_naming_it(
+    tmp_path: Path, given_by: str
+) -> None:
+    address = f"tcp://127.0.0.1:{_closed_port()}"
+    bounds = {**DASK_BOUNDS, "connect_timeout": 0.5}
+    if given_by == "flag":  # the file's LocalCluster keys give way to the scheduler
+        engine = DaskEngineSettings(workers=2, processes=False, **bounds)
+        flags = ["--scheduler", address]
+    else:
+        engine = DaskEngineSettings(scheduler=address, **bounds)
+        flags = []
+    batch = _batch(tmp_path, plates=1, engine=engine)
+    started = time.monotonic()
+    done = _plateflow("run", str(batch), "--json", *flags, timeout=60.0)
+    assert done.returncode == 3, done.stderr
+    assert time.monotonic() - started < 30, "the connect timeout bounded the attempt"
+    assert done.stdout == ""
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("plateflow: error: the engine is unavailable: ")
+    assert f"cannot connect to the dask scheduler at {address}" in line
+    assert not list(tmp_path.glob("output/*.json*")), "no journal: no batch started"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--engine", "local", "--scheduler", "tcp://127.0.0.1:8786"],
+            "--scheduler names a Dask scheduler, so it cannot go with --engine local; "
+            "use --engine dask, or leave --engine out",
+        ),
+        (
+            ["--engine", "zmq", "--scheduler", "tcp://127.0.0.1:8786"],
+            "so it cannot go with --engine zmq",
+        ),
+        (
+            ["--scheduler", "127.0.0.1:8786"],
+            "--scheduler '127.0.0.1:8786': not a Dask scheduler address; "
+            "did you mean 'tcp://127.0.0.1:8786'?",
+        ),
+        (["--engine", "dask", "--scheduler", "http://x:1"], "--scheduler 'http://x:1': not a"),
+    ],
+    ids=["with-local", "with-zmq", "no-protocol", "bad-protocol"],
+)
+def test_a_scheduler_flag_that_cannot_apply_is_a_usage_error_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    batch = _batch(tmp_path, plates=1)
+    assert main(["run", str(batch), *flags]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("plateflow: error: ")
+    assert message in captured.err
+    assert len(captured.err.splitlines()) == 1
+    assert not (tmp_path / "output").exists(), "nothing ran, nothing was written"
+
+
+def test_commands_other_than_a_dask_run_never_load_dask(tmp_path: Path) -> None:
+    batch = _batch(tmp_path, plates=1)
+    script = (
+        "import sys\n"
+        "from plateflow.cli import main\n"
+        f"assert main(['run', {str(batch)!r}, '--engine', 'local', '-q']) == 0\n"
+        f"assert main(['run', {str(batch)!r}, '--scheduler', 'tcp://h:1', '--engine', 'local'])"
+        " == 2\n"
+        "dask = ('dask', 'distributed')\n"
+        "print(sorted(m for m in sys.modules if m.partition('.')[0] in dask)[:5])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"
 
 
 @pytest.mark.parametrize("exists", [False, True])

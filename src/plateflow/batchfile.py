@@ -13,7 +13,7 @@ again. Nothing runs before all three stages passed.
 The engine section is a discriminated union on ``kind``. Each kind is one
 model with a ``build(output_dir)`` method that makes the engine; adding an
 engine kind is adding one model to :data:`EngineSettings`. Engines are
-imported inside ``build``, so reading a batch file never loads ZeroMQ.
+imported inside ``build``, so reading a batch file never loads ZeroMQ or Dask.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ __all__ = [
     "AnyEngineSettings",
     "BatchFile",
     "BatchFileError",
+    "DaskEngineSettings",
     "EngineSettings",
     "LoadedBatch",
     "LocalEngineSettings",
@@ -58,6 +59,7 @@ __all__ = [
     "PlateEntry",
     "StepEntry",
     "ZmqEngineSettings",
+    "check_scheduler_address",
     "engine_kinds",
     "engine_settings_for",
     "load_batch_file",
@@ -67,6 +69,12 @@ __all__ = [
 
 _STEP_NAME: Final = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _TOML_POSITION: Final = re.compile(r"\(at line (\d+), column (\d+)\)$")
+_SCHEDULER_HOST_PORT: Final = re.compile(
+    r"^(?:tcp|tls|ucx)://(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)"
+    r":(?P<port>\d{1,5})/?$"
+)
+_SCHEDULER_INPROC: Final = re.compile(r"^inproc://\S+$")
+_BARE_HOST_PORT: Final = re.compile(r"^[A-Za-z0-9.\[\]:-]+:\d{1,5}$")
 _MAX_PROBLEMS: Final = 10
 """At most this many validation problems are listed; the rest are counted."""
 
@@ -216,7 +224,107 @@ class LocalEngineSettings(_EngineBase):
         )
 
 
-AnyEngineSettings = ZmqEngineSettings | LocalEngineSettings
+def check_scheduler_address(address: str) -> str:
+    """``address`` when it is a Dask scheduler address; else :class:`ValueError` saying why.
+
+    Accepted: ``tcp://host:port``, ``tls://host:port``, ``ucx://host:port``
+    (a host name, an IPv4 address or an IPv6 address in brackets; a port from
+    1 to 65535) and ``inproc://…``. Only the form is checked, not whether a
+    scheduler answers there.
+    """
+    match = _SCHEDULER_HOST_PORT.match(address)
+    if match is not None and 1 <= int(match["port"]) <= 65535:
+        return address
+    if _SCHEDULER_INPROC.match(address):
+        return address
+    hint = (
+        "write it as tcp://host:port, with a port from 1 to 65535 (or tls://, ucx://, "
+        "inproc://), e.g. tcp://10.0.0.5:8786"
+    )
+    if "://" not in address and _BARE_HOST_PORT.match(address):
+        hint = f"did you mean 'tcp://{address}'? A scheduler address names its protocol"
+    raise ValueError(f"not a Dask scheduler address; {hint}")
+
+
+_LOCAL_CLUSTER_KEYS: Final = ("workers", "threads_per_worker", "processes")
+"""The ``kind = "dask"`` keys that configure the LocalCluster started without a scheduler."""
+
+
+class DaskEngineSettings(_EngineBase):
+    """``kind = "dask"``: a Dask cluster, at ``scheduler`` or a LocalCluster of its own.
+
+    With ``scheduler`` the engine connects to that scheduler and leaves it
+    running. Without it the engine starts a ``LocalCluster`` (``workers``
+    workers, default one per CPU, each with ``threads_per_worker`` threads,
+    worker processes unless ``processes = false``) and stops it at the end;
+    those three keys are refused next to ``scheduler``, which they cannot
+    configure.
+    """
+
+    kind: Literal["dask"] = "dask"
+    scheduler: str | None = Field(default=None, min_length=1)
+    """The scheduler's address (``tcp://host:port``, ...); none: a LocalCluster."""
+    threads_per_worker: int = Field(default=1, strict=True, ge=1)
+    processes: bool = Field(default=True, strict=True)
+    """Workers as processes (the default) or as threads of the ``plateflow`` process."""
+    connect_timeout: Seconds = 10.0
+    """Seconds to reach the scheduler before the engine counts as unavailable."""
+    liveness_interval: Seconds = 1.0
+    liveness_timeout: Seconds = 3.0
+    """The scheduler must answer within this many seconds of each check, or the engine is lost."""
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler_address(cls, value: str | None) -> str | None:
+        return None if value is None else check_scheduler_address(value)
+
+    @model_validator(mode="after")
+    def _cluster_keys_need_no_scheduler(self) -> DaskEngineSettings:
+        given = [
+            k
+            for k in _LOCAL_CLUSTER_KEYS
+            if k in self.model_fields_set and getattr(self, k) is not None
+        ]
+        if self.scheduler is not None and given:
+            raise ValueError(
+                f"{', '.join(given)} configure the LocalCluster started when no scheduler "
+                f"is given; with scheduler = {self.scheduler!r} the cluster is yours, so "
+                "leave them out"
+            )
+        return self
+
+    def with_scheduler(self, address: str) -> DaskEngineSettings:
+        """These settings on the scheduler at ``address``, without the LocalCluster keys.
+
+        Raises :class:`ValueError` (from :func:`check_scheduler_address`) for an
+        address that is not one.
+        """
+        check_scheduler_address(address)
+        kept = self.model_dump(exclude_unset=True, exclude=set(_LOCAL_CLUSTER_KEYS))
+        return DaskEngineSettings.model_validate({**kept, "scheduler": address})
+
+    def build(self, *, output_dir: Path, base: Path) -> Engine:
+        from plateflow.engines.dask import DaskEngine
+
+        local: dict[str, Any] = {}
+        if self.scheduler is None:
+            local = {
+                "n_workers": self.workers,
+                "threads_per_worker": self.threads_per_worker,
+                "processes": self.processes,
+            }
+        return DaskEngine(
+            self.scheduler,
+            allowed_modules=self.allowed_modules,
+            output_dir=str(output_dir),
+            connect_timeout=self.connect_timeout,
+            liveness_interval=self.liveness_interval,
+            liveness_timeout=self.liveness_timeout,
+            **local,
+        )
+
+
+AnyEngineSettings = ZmqEngineSettings | LocalEngineSettings | DaskEngineSettings
 """Every engine kind. To add one: a model with ``kind: Literal[...]`` and ``build``, here."""
 
 EngineSettings = Annotated[AnyEngineSettings, Field(discriminator="kind")]
@@ -240,7 +348,7 @@ def engine_settings_for(kind: str, like: AnyEngineSettings | None = None) -> Any
         if _tag(model) == kind:
             common = {} if like is None else {"workers": like.workers, "allow": like.allow}
             settings = model.model_validate(common)
-            assert isinstance(settings, ZmqEngineSettings | LocalEngineSettings)
+            assert isinstance(settings, AnyEngineSettings)
             return settings
     raise UsageError(f"unknown engine kind {kind!r}; use one of {', '.join(engine_kinds())}")
 

@@ -7,7 +7,8 @@ Qt or notebook host uses.
 - ``plateflow demo [DIR]`` writes synthetic plates with planted hits (one
   corrupted) and a batch file into DIR, runs the batch on the embedded
   server, then explains the failed plate from the journal.
-- ``plateflow run BATCH.toml`` runs a batch file (see docs/batch-file.md).
+- ``plateflow run BATCH.toml`` runs a batch file (see docs/batch-file.md), on
+  its engine or the one ``--engine`` / ``--scheduler`` names.
 - ``plateflow status`` shows what a running embedded server is doing.
 - ``plateflow journal show FILE`` prints each plate's story.
 - ``plateflow serve`` runs the embedded ZeroMQ execution server.
@@ -59,12 +60,14 @@ from plateflow import (
 from plateflow.batchfile import (
     AnyEngineSettings,
     BatchFile,
+    DaskEngineSettings,
     LoadedBatch,
     LocalEngineSettings,
     PipelineSection,
     PlateEntry,
     StepEntry,
     ZmqEngineSettings,
+    check_scheduler_address,
     engine_kinds,
     engine_settings_for,
     load_batch_file,
@@ -518,6 +521,23 @@ def _prepare_paths(loaded: LoadedBatch, journal: Path) -> None:
         raise UsageError(f"the journal {journal} is a directory; name a file")
 
 
+def _engine_settings(
+    loaded: LoadedBatch, engine_kind: str | None, scheduler: str | None
+) -> AnyEngineSettings:
+    """The batch file's engine, or the one ``--engine`` / ``--scheduler`` asked for.
+
+    ``--scheduler`` implies the Dask engine (the caller refused any other
+    ``--engine``) and replaces the file's LocalCluster keys: the cluster at
+    that address is configured by whoever runs it.
+    """
+    kind = engine_kind or ("dask" if scheduler is not None else loaded.spec.engine.kind)
+    settings = engine_settings_for(kind, loaded.spec.engine)
+    if scheduler is not None:
+        assert isinstance(settings, DaskEngineSettings)  # --scheduler was checked against --engine
+        settings = settings.with_scheduler(scheduler)
+    return settings
+
+
 def _run_loaded(
     loaded: LoadedBatch,
     host: _RunHost,
@@ -526,9 +546,10 @@ def _run_loaded(
     compile_only: bool,
     journal: Path,
     cancel_after: float | None,
+    scheduler: str | None = None,
 ) -> _Run:
+    settings = _engine_settings(loaded, engine_kind, scheduler)
     _prepare_paths(loaded, journal)
-    settings = engine_settings_for(engine_kind or loaded.spec.engine.kind, loaded.spec.engine)
     engine = loaded.build_engine(settings)
     spec = loaded.spec
     canceller = _Canceller(host)
@@ -667,11 +688,26 @@ def _verbosity(args: argparse.Namespace) -> int:
     return -1 if args.quiet else int(args.verbose)
 
 
+def _check_scheduler_flag(engine: str | None, scheduler: str | None) -> None:
+    if scheduler is None:
+        return
+    if engine not in (None, "dask"):
+        raise UsageError(
+            f"--scheduler names a Dask scheduler, so it cannot go with --engine {engine}; "
+            "use --engine dask, or leave --engine out"
+        )
+    try:
+        check_scheduler_address(scheduler)
+    except ValueError as exc:
+        raise UsageError(f"--scheduler {scheduler!r}: {exc}") from None
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.cancel_after is not None and not args.cancel_after >= 0:
         raise UsageError(
             f"--cancel-after must be a number of seconds >= 0, got {args.cancel_after}"
         )
+    _check_scheduler_flag(args.engine, args.scheduler)
     loaded = load_batch_file(args.batch)
     journal = args.journal.resolve() if args.journal else loaded.journal
     err = sys.stderr
@@ -683,6 +719,7 @@ def _run(args: argparse.Namespace) -> int:
         compile_only=args.compile_only,
         journal=journal,
         cancel_after=args.cancel_after,
+        scheduler=args.scheduler,
     )
     code = EXIT_CODES.get(run.summary.outcome, EXIT_FAILED)
     if args.json:
@@ -973,7 +1010,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--engine",
         choices=list(engine_kinds()),
-        help="run on this engine instead of the batch file's",
+        help="run on this engine instead of the batch file's (keeping its workers and allow)",
+    )
+    run.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run on the Dask scheduler at ADDRESS (tcp://host:port); implies --engine dask",
     )
     run.add_argument("--journal", type=Path, metavar="FILE", help="write the journal here instead")
     run.add_argument(
@@ -1058,7 +1100,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"plateflow: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except EngineError as exc:
-        print(f"plateflow: error: the engine is unavailable: {exc}", file=sys.stderr)
+        # One line whatever the engine's library put into its message.
+        print(
+            f"plateflow: error: the engine is unavailable: {' '.join(str(exc).split())}",
+            file=sys.stderr,
+        )
         return EXIT_ENGINE
     except OSError as exc:
         print(f"plateflow: error: {exc}", file=sys.stderr)
