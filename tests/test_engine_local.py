@@ -486,6 +486,29 @@ def test_max_jobs_per_worker_retires_workers(tmp_path: Path) -> None:
         LocalEngine(max_jobs_per_worker=0)
 
 
+def test_a_long_stream_of_submissions_never_loses_a_wake_up(tmp_path: Path) -> None:
+    # Submissions keep coming while workers finish: every one must be handed out. (The
+    # lost wake-up this once hit is pinned deterministically in test_wakeup.py.)
+    pipeline = spec("finish")
+
+    async def body(engine: LocalEngine, facts: Facts) -> None:
+        artifact = await compile_ok(engine, facts, job("p", pipeline))
+        ids = []
+        for i in range(600):
+            xid = f"p{i}.x"
+            await engine.submit_execution(xid, job(f"p{i}", pipeline), artifact)
+            ids.append(xid)
+            if i % 3 == 0:
+                await asyncio.sleep(0)  # let workers finish while submissions go on
+        done = set(ids)
+        facts.wait_for(
+            lambda fs: done <= {_sid(f) for f in fs if isinstance(f, ExecutionSucceeded)},
+            "every execution to succeed",
+        )
+
+    run(body, tmp_path, max_workers=2)
+
+
 # --- rejections, status, info --------------------------------------------------
 
 

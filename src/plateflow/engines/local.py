@@ -80,6 +80,7 @@ from plateflow.core.facts import (
     ExecutionSucceeded,
     Fact,
 )
+from plateflow.engines._wakeup import WakePipe
 from plateflow.engines.base import Engine, EngineError, FactSink, Submission
 from plateflow.jobs import CompileJob
 from plateflow.pipeline.run import (
@@ -360,9 +361,7 @@ class LocalEngine(Engine):
 
         self._sink: FactSink | None = None
         self._thread: threading.Thread | None = None
-        self._wake_r = -1
-        self._wake_w = -1
-        self._wake_pending = False
+        self._wakeup: WakePipe | None = None
         self._closing = False
         self._closed = False
         self._broken: str | None = None
@@ -391,9 +390,7 @@ class LocalEngine(Engine):
             # Only takes effect if this interpreter's fork server is not running yet.
             self._ctx.set_forkserver_preload(_PRELOAD)
         self._sink = sink
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._wakeup = WakePipe()
         self._thread = threading.Thread(
             target=self._watch, name="plateflow-local-engine", daemon=True
         )
@@ -559,10 +556,8 @@ class LocalEngine(Engine):
         if thread is not None:
             self._wake()
             await asyncio.to_thread(thread.join)
-            wake_r, wake_w = self._wake_r, self._wake_w
-            self._wake_r = self._wake_w = -1  # a closed fd number may be reused
-            os.close(wake_r)
-            os.close(wake_w)
+            if self._wakeup is not None:
+                self._wakeup.close()
         if self._made_output_dir and self._output_dir is not None:
             with contextlib.suppress(OSError):
                 os.rmdir(self._output_dir)  # only if no step wrote anything
@@ -593,12 +588,8 @@ class LocalEngine(Engine):
         self._wake()
 
     def _wake(self) -> None:
-        """Wake the loop once per batch of news: no write while a wake-up is pending."""
-        if self._wake_w < 0 or self._wake_pending:
-            return
-        self._wake_pending = True
-        with contextlib.suppress(OSError):  # a full pipe is already a wake-up
-            os.write(self._wake_w, b"!")
+        if self._wakeup is not None:
+            self._wakeup.wake()
 
     def _push(self, fact: Fact) -> None:
         sink = self._sink
@@ -663,19 +654,17 @@ class LocalEngine(Engine):
                     return
                 workers = list(self._workers)
                 deadlines = [w.deadline for w in workers if w.deadline is not None]
-            waitables: list[Any] = [self._wake_r]
+            wakeup = self._wakeup
+            assert wakeup is not None
+            waitables: list[Any] = [wakeup.fileno()]
             for worker in workers:
                 waitables.append(worker.conn)
                 waitables.append(worker.process.sentinel)
             timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
             ready = set(wait(waitables, timeout))
 
-            if self._wake_r in ready:
-                # Cleared before the news is read, so news after this line wakes us again.
-                self._wake_pending = False
-                with contextlib.suppress(BlockingIOError):
-                    while os.read(self._wake_r, 4096):
-                        pass
+            if wakeup.fileno() in ready:
+                wakeup.drain()
             for worker in workers:
                 if worker.conn in ready:
                     self._read(worker)

@@ -60,7 +60,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, final
+from typing import Any, Final, final
 
 import zmq
 from pydantic import BaseModel, JsonValue, ValidationError
@@ -266,6 +266,11 @@ class ZmqEngine(Engine):
         self._outbox: queue.SimpleQueue[tuple[str, bytes, _Pending]] = queue.SimpleQueue()
         self._backlog: collections.deque[tuple[str, bytes]] = collections.deque()
         self._wake_lock = threading.Lock()
+        self._wake_pending = False
+        self._replies: collections.deque[tuple[Callable[[Reply | EngineError], None], Any]] = (
+            collections.deque()
+        )
+        self._replies_scheduled = False
         self._counters = _Counters()
 
         self._sink: FactSink | None = None
@@ -776,13 +781,16 @@ class ZmqEngine(Engine):
             timeout = min(timeout, min(p.deadline for p in self._pending.values()) - now)
         return max(0.0, timeout)
 
-    @staticmethod
-    def _drain_wake(wake: zmq.Socket[bytes]) -> None:
+    def _drain_wake(self, wake: zmq.Socket[bytes]) -> None:
         for _ in range(_DRAIN_BATCH):
             try:
                 wake.recv(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
+        # Cleared once the socket is empty, before the outbox is read: a request queued
+        # from now on sends a fresh wake-up. (Cleared first, a wake-up sent meanwhile
+        # would be swallowed with the flag left set, and the next request never sent.)
+        self._wake_pending = False
 
     def _flush_outbox(self, control: zmq.Socket[bytes]) -> None:
         while True:
@@ -1081,7 +1089,8 @@ class ZmqEngine(Engine):
         request: CompileRequest | ExecuteRequest,
         rejected: Callable[[str], Fact],
     ) -> None:
-        frame_size = len(encode(request))
+        frame = encode(request)
+        frame_size = len(frame)
         if frame_size > DEFAULT_MAX_MESSAGE_BYTES:
             self._push(
                 rejected(
@@ -1093,7 +1102,9 @@ class ZmqEngine(Engine):
         key = (submission.phase, submission.submission_id)
         with self._lock:
             self._outstanding[key] = submission  # before sending, so a reconcile covers it
-        reply = await self._call(request, f"{submission.phase} {submission.submission_id}")
+        reply = await self._call(
+            request, f"{submission.phase} {submission.submission_id}", frame=frame
+        )
         if not reply.ok:
             with self._lock:
                 self._outstanding.pop(key, None)
@@ -1106,12 +1117,14 @@ class ZmqEngine(Engine):
         *,
         timeout: float | None = None,
         closing: bool = False,
+        frame: bytes | None = None,
     ) -> Reply:
         """Send one request through the I/O thread and wait for its reply (bounded)."""
         timeout = self._request_timeout if timeout is None else timeout
         rid = getattr(request, "id", None)
         assert isinstance(rid, str)
-        frame = encode(request)
+        if frame is None:
+            frame = encode(request)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Reply] = loop.create_future()
 
@@ -1124,8 +1137,12 @@ class ZmqEngine(Engine):
                 future.set_result(result)
 
         def done(result: Reply | EngineError) -> None:
+            self._replies.append((settle, result))
+            if self._replies_scheduled:
+                return  # the drain already scheduled takes this one too
+            self._replies_scheduled = True
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                loop.call_soon_threadsafe(settle, result)
+                loop.call_soon_threadsafe(self._settle_replies)
 
         pending = _Pending(done, time.monotonic() + timeout, what)
         with self._lock:
@@ -1141,11 +1158,23 @@ class ZmqEngine(Engine):
         except TimeoutError as exc:
             raise EngineError(f"{what}: no reply from the zmq server within {timeout} s") from exc
 
+    def _settle_replies(self) -> None:
+        """On the caller's loop: hand every reply that arrived to its waiting call."""
+        self._replies_scheduled = False  # cleared first: a reply after this schedules anew
+        replies = self._replies
+        while replies:
+            settle, result = replies.popleft()
+            settle(result)
+
     def _wake(self) -> None:
+        """Wake the I/O thread; once per batch of requests, not once per request."""
+        if self._wake_pending:
+            return
         with self._wake_lock:
             wake = self._wake_out
-            if wake is None:
+            if wake is None or self._wake_pending:
                 return
+            self._wake_pending = True
             with contextlib.suppress(zmq.Again):  # a full pipe is already a wake-up
                 wake.send(b"", zmq.NOBLOCK)
 

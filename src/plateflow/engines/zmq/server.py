@@ -53,6 +53,7 @@ import zmq
 from pydantic import JsonValue
 
 from plateflow.core.facts import Fact
+from plateflow.engines._wakeup import WakePipe
 from plateflow.engines.base import EngineError, Submission
 from plateflow.engines.local import LocalEngine
 from plateflow.engines.zmq import rundir
@@ -163,9 +164,7 @@ class ExecutionServer:
         self._record: ServerRecord | None = None
 
         self._facts: queue.SimpleQueue[Fact] = queue.SimpleQueue()
-        self._wake_r = -1
-        self._wake_w = -1
-        self._wake_pending = False
+        self._wakeup: WakePipe | None = None
         self._stop = threading.Event()
         self._stop_reason = ""
         self._running = False
@@ -216,9 +215,7 @@ class ExecutionServer:
                 raise UsageError(
                     f"another plateflow server{who} is already running in {directory}"
                 ) from None
-            self._wake_r, self._wake_w = os.pipe()
-            os.set_blocking(self._wake_r, False)
-            os.set_blocking(self._wake_w, False)
+            self._wakeup = WakePipe()
             stack.callback(self._close_pipe)
             stack.enter_context(self._signals())
             context = zmq.Context()
@@ -319,7 +316,8 @@ class ExecutionServer:
             self.stop(signal.Signals(signum).name)
 
         previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-        previous_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        assert self._wakeup is not None
+        previous_fd = signal.set_wakeup_fd(self._wakeup.write_fd, warn_on_full_buffer=False)
         try:
             yield
         finally:
@@ -356,11 +354,9 @@ class ExecutionServer:
                 (directory / name).unlink()
 
     def _close_pipe(self) -> None:
-        wake_r, wake_w = self._wake_r, self._wake_w
-        self._wake_r = self._wake_w = -1
-        for fd in (wake_r, wake_w):
-            if fd >= 0:
-                os.close(fd)
+        wakeup, self._wakeup = self._wakeup, None
+        if wakeup is not None:
+            wakeup.close()
 
     def _await(self, coro: Coroutine[Any, Any, _T]) -> _T:
         assert self._loop is not None
@@ -373,7 +369,9 @@ class ExecutionServer:
         assert router is not None
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        wakeup = self._wakeup
+        assert wakeup is not None
+        poller.register(wakeup.fileno(), zmq.POLLIN)
         next_beat = time.monotonic()
         while not self._stop.is_set():
             now = time.monotonic()
@@ -391,12 +389,8 @@ class ExecutionServer:
                     next_beat = now + self._heartbeat_interval
             timeout_ms = max(0, math.ceil((next_beat - time.monotonic()) * 1000))
             ready = dict(poller.poll(timeout_ms))
-            if self._wake_r in ready:
-                # Cleared before the news is read, so news after this line wakes us again.
-                self._wake_pending = False
-                with contextlib.suppress(BlockingIOError):
-                    while os.read(self._wake_r, 4096):
-                        pass
+            if wakeup.fileno() in ready:
+                wakeup.drain()
             if router in ready:
                 for _ in range(_BATCH):
                     try:
@@ -415,12 +409,9 @@ class ExecutionServer:
         self._wake()
 
     def _wake(self) -> None:
-        """Wake the loop once per batch of news: no write while a wake-up is pending."""
-        if self._wake_w < 0 or self._wake_pending:
-            return
-        self._wake_pending = True
-        with contextlib.suppress(OSError):  # a full pipe is already a wake-up
-            os.write(self._wake_w, b"!")
+        wakeup = self._wakeup
+        if wakeup is not None:
+            wakeup.wake()
 
     def _flush_facts(self) -> None:
         while True:

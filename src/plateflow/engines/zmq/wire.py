@@ -23,9 +23,18 @@ Sockets:
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
 from plateflow.core.facts import Fact
 from plateflow.jobs import CompileJob
@@ -58,6 +67,10 @@ DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
 """Frames larger than this (1 MiB) are refused before they are parsed."""
 
 
+_FROM_WIRE: Final[dict[str, bool]] = {"wire": True}
+"""The validation context of a decoded frame (compared by identity)."""
+
+
 class WireError(ValueError):
     """A frame that is not a valid message; the text says what was wrong, and where."""
 
@@ -70,6 +83,19 @@ class _Message(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     v: Literal[1] = PROTOCOL_VERSION
+
+    @model_validator(mode="before")
+    @classmethod
+    def _version_on_the_wire(cls, data: Any, info: ValidationInfo) -> Any:
+        """Decoding a frame, ``v`` must be there and be the integer 1 (not true, not 1.0).
+
+        Built in code, a message may leave ``v`` to its default.
+        """
+        if info.context is _FROM_WIRE and isinstance(data, dict):
+            version = data.get("v")
+            if type(version) is not int or version != PROTOCOL_VERSION:
+                raise ValueError(f"protocol version {version!r} is not supported")
+        return data
 
 
 class WireSubmission(BaseModel):
@@ -175,6 +201,8 @@ Event = Annotated[FactEvent | HeartbeatEvent, Field(discriminator="type")]
 
 _REQUEST: TypeAdapter[Request] = TypeAdapter(Request)
 _EVENT: TypeAdapter[Event] = TypeAdapter(Event)
+_REPLY: TypeAdapter[Reply] = TypeAdapter(Reply)
+_M = TypeVar("_M")
 
 
 def encode(message: BaseModel) -> bytes:
@@ -200,8 +228,25 @@ def _check_frame(frame: bytes, max_bytes: int) -> dict[str, Any]:
     return raw
 
 
+def _fast(adapter: TypeAdapter[_M], frame: bytes, max_bytes: int) -> _M | None:
+    """The common case in one pass (pydantic parses the JSON); None means look closer.
+
+    The slow path below parses with :mod:`json` first so that what is wrong
+    with a bad frame can be said precisely; a good frame never needs it.
+    """
+    if len(frame) > max_bytes:
+        raise WireError(f"message of {len(frame)} bytes exceeds the limit of {max_bytes}")
+    try:
+        return adapter.validate_json(frame, context=_FROM_WIRE)
+    except ValidationError:
+        return None
+
+
 def decode_request(frame: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Request:
     """Validate one control frame; raise :class:`WireError` saying what is wrong."""
+    request = _fast(_REQUEST, frame, max_bytes)
+    if request is not None:
+        return request
     raw = _check_frame(frame, max_bytes)
     request_id = raw.get("id") if isinstance(raw.get("id"), str) else None
     version = raw.get("v")
@@ -218,16 +263,22 @@ def decode_request(frame: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) 
 
 
 def decode_reply(frame: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Reply:
+    reply = _fast(_REPLY, frame, max_bytes)
+    if reply is not None:
+        return reply
     raw = _check_frame(frame, max_bytes)
     try:
-        return Reply.model_validate(raw)
+        return Reply.model_validate(raw, context=_FROM_WIRE)
     except ValidationError as exc:
         raise WireError(f"invalid reply: {_first_error(exc)}") from exc
 
 
 def decode_event(frame: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Event:
+    event = _fast(_EVENT, frame, max_bytes)
+    if event is not None:
+        return event
     raw = _check_frame(frame, max_bytes)
     try:
-        return _EVENT.validate_python(raw)
+        return _EVENT.validate_python(raw, context=_FROM_WIRE)
     except ValidationError as exc:
         raise WireError(f"invalid event: {_first_error(exc)}") from exc
