@@ -342,6 +342,42 @@ def test_reports_must_come_from_the_loop_thread() -> None:
     run(main())
 
 
+def test_a_large_phase_lets_the_loop_handle_news_between_chunks_of_submits() -> None:
+    submitted: list[str] = []
+    seen_at: list[int] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        all_submitted = asyncio.Event()
+
+        async def submit(key: str) -> None:
+            submitted.append(key)
+            if len(submitted) == 1000:
+                all_submitted.set()
+
+        engine: BatchSubmitWaitEngine[str] = BatchSubmitWaitEngine(
+            submit, _nothing, fail_fast=False
+        )
+        keys = [f"k{i}" for i in range(1000)]
+        task = asyncio.create_task(engine.run(keys, timeout=10))
+        # News arriving as the phase starts (a fact, say) is handled long before the
+        # last submit, not after all thousand of them.
+        loop.call_soon(lambda: loop.call_soon(lambda: seen_at.append(len(submitted))))
+        await all_submitted.wait()
+        for key in keys:
+            engine.complete(key)
+        assert all(o.ok for o in (await task).values())
+
+    run(main())
+    assert len(submitted) == 1000
+    assert len(seen_at) == 1
+    assert seen_at[0] <= 64, seen_at
+
+
+async def _nothing(key: str) -> None:
+    return None
+
+
 def test_argument_checks_and_empty_runs() -> None:
     async def main() -> None:
         async def nothing(key: str) -> None:

@@ -45,6 +45,9 @@ __all__ = [
 
 _log = logging.getLogger("plateflow.runtime")
 
+_SUBMIT_CHUNK = 32
+"""Submits started per turn of the loop."""
+
 K = TypeVar("K")
 
 CancelReason = Literal["fail_fast", "timeout", "cancelled", "run_cancelled", "engine"]
@@ -203,10 +206,17 @@ class BatchSubmitWaitEngine(Generic[K]):
     async def _submit_and_wait(self, keys: list[K], timeout: float | None) -> None:
         loop = asyncio.get_running_loop()
         semaphore = asyncio.Semaphore(self._max_concurrent) if self._max_concurrent else None
-        for key in keys:
-            self._submit_tasks[key] = loop.create_task(self._submit_one(key, semaphore))
         try:
-            await asyncio.wait_for(self._settled.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                for i, key in enumerate(keys, 1):
+                    if self._settled.is_set():
+                        break  # tripped or cancelled meanwhile: the rest is never submitted
+                    self._submit_tasks[key] = loop.create_task(self._submit_one(key, semaphore))
+                    if i % _SUBMIT_CHUNK == 0:
+                        # Let the loop run what queued meanwhile (facts coming back) before
+                        # the next chunk: a phase's submits must not hold up every fact.
+                        await asyncio.sleep(0)
+                await self._settled.wait()
         except TimeoutError:
             self._cancel_reason = "timeout"
         except asyncio.CancelledError:
@@ -244,7 +254,9 @@ class BatchSubmitWaitEngine(Generic[K]):
         to_cancel = [key for key in unfinished if key in self._submitted]
         for key in unfinished:
             self._finish(key, Outcome(JobStatus.CANCELLED, error=JobCancelled(key, reason)))
-            self._submit_tasks[key].cancel()
+            task = self._submit_tasks.get(key)
+            if task is not None:  # a key whose task was never made was never submitted
+                task.cancel()
         # A job can finish before its submit returns (the fact outran the reply):
         # let such submits end on their own, within the cancel bound.
         pending = [task for task in self._submit_tasks.values() if not task.done()]

@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import heapq
 import itertools
 import logging
 import math
@@ -162,6 +163,7 @@ class ZmqEngineStatistics:
 class _Pending:
     done: _Done
     deadline: float
+    """Seconds to wait for the reply until it is sent; then the monotonic deadline."""
     what: str
 
 
@@ -289,6 +291,8 @@ class ZmqEngine(Engine):
 
         # Owned by the I/O thread once it runs.
         self._pending: dict[str, _Pending] = {}
+        self._deadlines: list[tuple[float, str]] = []
+        """A heap of (deadline, request id) over ``_pending``; answered ones are skipped."""
         self._server_id: str | None = None
         self._seq: int | None = None
         self._last_event = time.monotonic()
@@ -778,7 +782,7 @@ class ZmqEngine(Engine):
         if self._broken is None and not self._closing:
             timeout = min(timeout, self._last_event + self._heartbeat_timeout - now)
         if self._pending:
-            timeout = min(timeout, min(p.deadline for p in self._pending.values()) - now)
+            timeout = min(timeout, self._next_deadline() - now)
         return max(0.0, timeout)
 
     def _drain_wake(self, wake: zmq.Socket[bytes]) -> None:
@@ -822,7 +826,9 @@ class ZmqEngine(Engine):
             pending.done(EngineError(f"the zmq server is lost: {self._broken}"))
             return
         self._counters.requests += 1
-        self._pending[rid] = pending  # its deadline runs from now, sent or waiting
+        pending.deadline += time.monotonic()  # it runs from now, sent or waiting
+        self._pending[rid] = pending
+        heapq.heappush(self._deadlines, (pending.deadline, rid))
         self._backlog.append((rid, frame))
 
     def _drain_replies(self, control: zmq.Socket[bytes]) -> None:
@@ -928,11 +934,10 @@ class ZmqEngine(Engine):
             if len(answers) == len(chunks):
                 self._reconciled(submissions, answers, replaced)
 
-        deadline = time.monotonic() + self._request_timeout
         for chunk in chunks:
             rid = self._new_id()
             frame = encode(StatusRequest(id=rid, submissions=chunk))
-            self._outbox.put((rid, frame, _Pending(done, deadline, "reconcile")))
+            self._outbox.put((rid, frame, _Pending(done, self._request_timeout, "reconcile")))
 
     def _reconciled(
         self,
@@ -980,12 +985,21 @@ class ZmqEngine(Engine):
             self._reconcile_again = False
             self._reconcile()
 
+    def _next_deadline(self) -> float:
+        """The earliest deadline of a request still waiting (inf if none); drops stale ones."""
+        heap = self._deadlines
+        while heap:
+            deadline, rid = heap[0]
+            pending = self._pending.get(rid)
+            if pending is not None and pending.deadline == deadline:
+                return deadline
+            heapq.heappop(heap)  # answered already
+        return math.inf
+
     def _check_deadlines(self) -> None:
-        if not self._pending:
-            return
         now = time.monotonic()
-        expired = [rid for rid, p in self._pending.items() if p.deadline <= now]
-        for rid in expired:
+        while self._pending and self._next_deadline() <= now:
+            _, rid = heapq.heappop(self._deadlines)
             pending = self._pending.pop(rid)
             self._counters.timeouts += 1
             pending.done(
@@ -1027,6 +1041,7 @@ class ZmqEngine(Engine):
 
     def _fail_all(self, error: EngineError) -> None:
         pending, self._pending = self._pending, {}
+        self._deadlines.clear()
         for entry in pending.values():
             entry.done(error)
         while True:
@@ -1102,13 +1117,25 @@ class ZmqEngine(Engine):
         key = (submission.phase, submission.submission_id)
         with self._lock:
             self._outstanding[key] = submission  # before sending, so a reconcile covers it
-        reply = await self._call(
-            request, f"{submission.phase} {submission.submission_id}", frame=frame
-        )
-        if not reply.ok:
+
+        def answered(result: Reply | EngineError) -> None:
+            """On the I/O thread: an accepted submission needs nothing; a refused one is
+            rejected (after the server is lost, _push drops it: EngineLost says it all)."""
+            if isinstance(result, Reply) and result.ok:
+                return
             with self._lock:
                 self._outstanding.pop(key, None)
-            self._push(rejected(f"the zmq server refused the submission: {reply.error}"))
+            if isinstance(result, Reply):
+                self._push(rejected(f"the zmq server refused the submission: {result.error}"))
+            else:
+                self._push(rejected(str(result)))
+
+        # Sent, not awaited: the reply only matters when it refuses, and then the
+        # submission's Rejected fact says so. A phase of a thousand submissions is a
+        # thousand queued frames, not a thousand waits on the caller's loop.
+        assert isinstance(request.id, str)
+        what = f"{submission.phase} {submission.submission_id}"
+        self._enqueue(request.id, frame, _Pending(answered, 0.0, what))
 
     async def _call(
         self,
@@ -1144,7 +1171,17 @@ class ZmqEngine(Engine):
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
                 loop.call_soon_threadsafe(self._settle_replies)
 
-        pending = _Pending(done, time.monotonic() + timeout, what)
+        self._enqueue(rid, frame, _Pending(done, timeout, what), closing=closing)
+        try:
+            # The I/O thread fails the request at its deadline; this is only a backstop.
+            return await asyncio.wait_for(future, timeout + 1.0)
+        except TimeoutError as exc:
+            raise EngineError(f"{what}: no reply from the zmq server within {timeout} s") from exc
+
+    def _enqueue(self, rid: str, frame: bytes, pending: _Pending, *, closing: bool = False) -> None:
+        """Queue one request for the I/O thread; ``pending.done`` gets its reply or error."""
+        if pending.deadline <= 0:
+            pending.deadline = self._request_timeout
         with self._lock:
             if (self._closing and not closing) or self._stopping or not self._thread_alive():
                 raise EngineError("the zmq engine is closed")
@@ -1152,11 +1189,6 @@ class ZmqEngine(Engine):
                 raise EngineError(f"the zmq server is lost: {self._broken}")
             self._outbox.put((rid, frame, pending))
         self._wake()
-        try:
-            # The I/O thread fails the request at its deadline; this is only a backstop.
-            return await asyncio.wait_for(future, timeout + 1.0)
-        except TimeoutError as exc:
-            raise EngineError(f"{what}: no reply from the zmq server within {timeout} s") from exc
 
     def _settle_replies(self) -> None:
         """On the caller's loop: hand every reply that arrived to its waiting call."""
