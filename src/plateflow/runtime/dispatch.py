@@ -5,8 +5,10 @@ Theory of operation: the service and the pollers run on one event loop
 host on its GUI thread, a plain script on a worker thread so a slow callback
 cannot stall the loop. A *dispatcher* is the whole interface for that: a
 function that takes a zero-argument callable and arranges for it to run on
-the host's chosen thread, in the order given. A Qt host passes something like
-``lambda fn: QTimer.singleShot(0, fn)``; tests and simple hosts use
+the host's chosen thread, in the order given. A Qt host emits a signal whose
+queued connection runs ``fn`` on the GUI thread (``QTimer.singleShot(0, fn)``
+without a context object would queue ``fn`` to the calling thread, which has
+no Qt event loop); tests and simple hosts use
 ``inline_dispatcher`` (run it now, on the loop) or ``ThreadDispatcher``.
 
 ``ThreadDispatcher`` is one non-daemon worker thread draining a FIFO queue.
