@@ -11,11 +11,15 @@ One client I/O thread owns every socket, because ZeroMQ sockets are not
 thread-safe: a DEALER on the control socket, a SUB (subscribed to
 everything) on the events socket and the inside end of an inproc PAIR. It
 sleeps in one :class:`zmq.Poller`. The event-loop side never touches those
-sockets: a request is put on a queue with a resolver for its asyncio future,
-and one empty frame on the outside end of the PAIR wakes the thread, which
-sends it. A reply is matched to its request by the correlation id and
-settles the future with ``loop.call_soon_threadsafe``; a request without a
-reply after ``request_timeout`` fails with :class:`EngineError`. The engine
+sockets: a request is put on a queue with what to do with its reply, and an
+empty frame on the outside end of the PAIR wakes the thread (once per burst
+of requests), which sends it. A reply is matched to its request by the
+correlation id. ``cancel``, ``status`` and ``server_info`` await theirs:
+replies reach the loop through one ``call_soon_threadsafe`` per burst, and a
+request without a reply after ``request_timeout`` fails with
+:class:`EngineError`. ``submit_compile`` and ``submit_execution`` return once
+the request is queued: only a refusal (or no reply in time) matters, and the
+I/O thread turns it into the submission's ``*Rejected`` fact. The engine
 adds one thread (plus, in ``close``, a short-lived one that waits for the
 server process), however many plates there are.
 
