@@ -20,8 +20,8 @@ in a private temporary runtime dir (IPC sockets, ``--workers`` = CPUs by default
 ``--allow noop_steps``). ``run_plates`` takes N plates through compile and execute; the
 pipeline is one step, ``noop_steps:noop`` (``benchmarks/noop_steps.py``, put on the
 server's ``PYTHONPATH``), which returns ``{"plate", "t": time.time()}``. The server runs
-every submission in a worker process of its own, so a batch of N plates starts 2 N
-processes. One server serves every batch of a run; it is started, and warmed up with a
+submissions in its pool of reused worker processes (one per CPU). One server serves
+every batch of a run; it is started, and warmed up with a
 20-plate batch, before anything is timed.
 
 What is measured, per batch (every batch must end with all N plates ``completed``):
@@ -41,14 +41,14 @@ What is measured, per batch (every batch must end with all N plates ``completed`
   (MB = 10^6 bytes); ``VmHWM`` is the peak.
 * CPU per plate, from ``getrusage`` and ``/proc/PID/stat``: this client (and its main
   thread alone), the server process, its fork server, the workers (the fork server's
-  reaped children) and the multiprocessing resource tracker.
+  live children, plus what reaped ones left) and the multiprocessing resource tracker.
 * ``floor_roundtrips_per_s``: raw pyzmq DEALER -> ROUTER round trips, one in flight, over
   IPC, against an echo process; the request is the size of the batch's ``ExecuteRequest``
   frame and the reply the size of its ``Reply``. ``floor_pipelined_per_s`` keeps 100 in
   flight, as a batch does.
 * decomposition: the same batch with no server and no processes (an in-process engine
   that answers every submission at once: the client's own floor); in a full run also on a
-  ``LocalEngine`` (process per submission, no ZeroMQ) in a ``python -c`` child process,
+  ``LocalEngine`` (its worker pool, no ZeroMQ) in a ``python -c`` child process,
   plus one fork-server process start and join on its own. The child has no ``__main__``
   file, like the server's ``-m plateflow``; from this script every worker would re-run
   ``bench_e2e.py`` and its imports (the fork server preloads ``plateflow.engines.local``,
@@ -228,6 +228,7 @@ class ProcCpu:
     own: float  # utime + stime, seconds
     children: float  # cutime + cstime: reaped children, seconds
     children_sys: float  # cstime alone: the kernel's share (fork, page faults, exit)
+    own_sys: float = 0.0  # stime alone
 
 
 def proc_cpu(pid: int) -> ProcCpu | None:
@@ -238,7 +239,25 @@ def proc_cpu(pid: int) -> ProcCpu | None:
         return None
     rest = text[text.rfind(")") + 2 :].split()  # rest[0] is field 3 (state)
     utime, stime, cutime, cstime = (int(x) for x in rest[11:15])
-    return ProcCpu((utime + stime) / _TICK, (cutime + cstime) / _TICK, cstime / _TICK)
+    return ProcCpu(
+        (utime + stime) / _TICK, (cutime + cstime) / _TICK, cstime / _TICK, stime / _TICK
+    )
+
+
+def live_children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` now (the fork server's live workers)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii") as stat:
+                text = stat.read()
+            if int(text[text.rfind(")") + 2 :].split()[1]) == pid:
+                found.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
 
 
 def children_of(pid: int) -> dict[str, int]:
@@ -289,8 +308,11 @@ def cpu_mark(server_pid: int | None, helpers_of: int | None = None) -> CpuMark:
         fork = proc_cpu(helpers["forkserver"]) if "forkserver" in helpers else None
         tracker = proc_cpu(helpers["resource_tracker"]) if "resource_tracker" in helpers else None
         mark.forkserver = fork.own if fork else None
-        mark.workers = fork.children if fork else None
-        mark.workers_sys = fork.children_sys if fork else None
+        if fork is not None:
+            # Workers are pooled: the live ones' own CPU plus what exited ones left behind.
+            live = [c for c in map(proc_cpu, live_children(helpers["forkserver"])) if c]
+            mark.workers = fork.children + sum(c.own for c in live)
+            mark.workers_sys = fork.children_sys + sum(c.own_sys for c in live)
         mark.tracker = tracker.own if tracker else None
     return mark
 
