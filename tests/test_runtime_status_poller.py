@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from plateflow.core.facts import ExecutionAccepted, ExecutionStarted, Fact
+from plateflow.core.facts import ExecutionAccepted, ExecutionProgress, ExecutionStarted, Fact
 from plateflow.engines.base import Submission
 from plateflow.runtime import ExecutionStatusPoller, PollTimeout
 
@@ -289,3 +289,28 @@ def test_each_unchanged_answer_doubles_the_wait_up_to_max_backoff() -> None:
         assert expected * 0.9 <= gap <= expected + 1 + 10 * interval, gaps
     with pytest.raises(ValueError, match="max_backoff"):
         ExecutionStatusPoller(engine.status, lambda fact: None, max_backoff=0.5)
+
+
+def test_an_answer_of_the_kind_last_heard_is_dropped_too() -> None:
+    engine = Engine(constant=True)  # answers "started" about everything, every time
+    delivered: list[Fact] = []
+
+    async def main() -> None:
+        poller = ExecutionStatusPoller(engine.status, delivered.append, interval=INTERVAL)
+        running, progressing, accepted_only = submission(0), submission(1), submission(2)
+        for sub in (running, progressing, accepted_only):
+            poller.track(sub)
+        poller.heard(running.submission_id, ExecutionStarted)
+        poller.heard(progressing.submission_id, ExecutionProgress)  # progress means started
+        poller.heard(accepted_only.submission_id, ExecutionAccepted)
+        poller.poll_soon()
+        await wait_until(lambda: len(delivered) >= 1)  # a query's answers come all at once
+        await poller.stop()
+
+    run(main())
+    # only the one whose last news was "accepted" learns something from "started"
+    assert [(type(f), _sid(f)) for f in delivered] == [(ExecutionStarted, "b.2.x")]
+
+
+def _sid(fact: Fact) -> str | None:
+    return getattr(fact, "execution_id", None)

@@ -1059,7 +1059,56 @@ def test_a_heartbeat_timeout_below_the_servers_interval_is_refused(rdir: Path) -
         run(engine.close())
 
 
+def test_the_window_holds_submissions_in_order_and_cancels_a_held_one_at_once(
+    rdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))
+    )
+    gate = tmp_path / "gate"
+    facts = Facts()
+    engine = engine_for(
+        rdir, tmp_path, "--workers", "2", "--allow", "steps_for_tests", max_in_flight=2
+    )
+    waiting = PipelineSpec(
+        name="gated",
+        steps=(
+            StepSpec(function="steps_for_tests:wait_for_file", params={"path": str(gate)}),
+            StepSpec(function="steps_for_tests:finish"),
+        ),
+    )
+    job = CompileJob(plate_id="p", plate_path="/plates/p", pipeline=waiting)
+
+    async def scenario() -> None:
+        await engine.start(facts)
+        try:
+            await first_event(engine)
+            artifact = await compile_ok(engine, facts, job, "c")
+            for i in range(5):
+                await engine.submit_execution(f"x{i}", job, artifact)
+            await facts.wait("x1", ExecutionStarted)
+            stats = engine.statistics()
+            assert (stats.outstanding, stats.held) == (2, 3)
+            info = await engine.server_info()
+            assert (info["running"], info["queued"]) == (2, 0)  # the server has only two
+            assert facts.of("x2") == []  # held: no fact until it is sent
+            await engine.cancel(Submission("p", "execute", "x3"))
+            assert facts.kinds("x3") == ["execution_cancelled"]  # at once, never sent
+            gate.touch()
+            for sid in ("x0", "x1", "x2", "x4"):
+                await facts.wait(sid, ExecutionSucceeded)
+        finally:
+            await engine.close()
+
+    run(scenario())
+    accepted = [_sid(f) for f in facts.all if isinstance(f, ExecutionAccepted)]
+    assert accepted == ["x0", "x1", "x2", "x4"]  # sent in submission order, x3 never
+    assert facts.kinds("x3") == ["execution_cancelled"]
+
+
 def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(ValueError, match="max_in_flight"):
+        ZmqEngine(Path("/nonexistent"), max_in_flight=0)
     with pytest.raises(ValueError, match="heartbeat_timeout"):
         ZmqEngine(Path("/nonexistent"), heartbeat_timeout=0)
     with pytest.raises(TypeError, match="sequence"):
@@ -1072,14 +1121,14 @@ def test_a_burst_larger_than_the_socket_queue_waits_instead_of_failing(
     """Found by bench_e2e: 5,000 concurrent submits overflowed the DEALER's queue
     (libzmq's 1,000-message default) and raised EngineError, so the service
     declared the engine lost. Requests beyond the queue now wait to be sent."""
-    engine = engine_for(rdir, tmp_path)
+    engine = engine_for(rdir, tmp_path, max_in_flight=None)  # no window: all at once
     facts = Facts()
     job = compile_job(plates[0])
 
     async def scenario() -> None:
         await engine.start(facts)
         try:
-            # Every call returns once the server replied: none raised, none was refused.
+            # Every call returns once its request is queued: none raised, none was refused.
             await asyncio.gather(
                 *(engine.submit_compile(f"burst.{i}.c", job) for i in range(3_000))
             )

@@ -324,7 +324,7 @@ class BatchWorkflowService:
         if submission_id is not None and not submission_id.startswith(f"{batch.batch_id}."):
             return  # a late fact about an earlier batch's submission: not this batch's business
         if submission_id is not None:
-            self._poller.heard(submission_id)
+            self._poller.heard(submission_id, type(fact))
         submissions: list[SubmitCompile | SubmitExecution] = []
         for decision in batch.handle(fact):
             if isinstance(decision, SubmitCompile | SubmitExecution):

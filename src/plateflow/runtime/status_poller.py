@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import final
 
-from plateflow.core.facts import Fact
+from plateflow.core.facts import ExecutionProgress, ExecutionStarted, Fact
 from plateflow.engines.base import FactSink, Submission
 from plateflow.runtime._bounded import PollTimeout, call_bounded
 
@@ -147,11 +147,20 @@ class ExecutionStatusPoller:
         if not self._tracked:
             self._wake()
 
-    def heard(self, submission_id: str) -> None:
-        """News about a submission arrived: it need not be asked about for an interval."""
+    def heard(self, submission_id: str, kind: type[Fact] | None = None) -> None:
+        """News about a submission arrived: it need not be asked about for an interval.
+
+        ``kind`` is the news's fact type: a status answer of that kind later says
+        nothing new, so it is dropped like a repeated answer.
+        """
         if submission_id in self._due:
             self._due[submission_id] = asyncio.get_running_loop().time() + self._interval
             self._quiet[submission_id] = 0
+            if kind is not None:
+                # Progress is news of a running execution, which status calls "started".
+                self._answers[submission_id] = (
+                    ExecutionStarted if kind is ExecutionProgress else kind
+                )
 
     def tracked(self) -> tuple[Submission, ...]:
         return tuple(self._tracked.values())

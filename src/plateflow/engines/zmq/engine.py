@@ -107,7 +107,7 @@ from plateflow.engines.zmq.wire import (
 from plateflow.errors import UsageError
 from plateflow.jobs import CompileJob
 
-__all__ = ["POLL_TICK", "ZmqEngine", "ZmqEngineStatistics"]
+__all__ = ["DEFAULT_MAX_IN_FLIGHT", "POLL_TICK", "ZmqEngine", "ZmqEngineStatistics"]
 
 _log = logging.getLogger(__name__)
 
@@ -119,6 +119,13 @@ _JOIN_TIMEOUT: Final = 5.0
 _PING_TIMEOUT: Final = 1.0
 _MAX_INBOUND_BYTES: Final = 64 << 20
 """Replies and events come from our own user's server; a status reply may be large."""
+DEFAULT_MAX_IN_FLIGHT: Final = 64
+"""Submissions sent and not yet settled, at most, by default; the rest wait in the client.
+
+A window keeps the server from running further ahead than this client can take
+in: with everything sent at once, the facts of a thousand fast plates queue up
+in front of the client and each waits for all before it (tens to hundreds of ms
+on a busy two-core machine). Sixty-four keeps dozens of workers busy."""
 _STATUS_CHUNK: Final = 200
 """Submissions per status request, so neither request nor reply nears the frame limit."""
 _DRAIN_BATCH: Final = 1_000
@@ -160,6 +167,8 @@ class ZmqEngineStatistics:
     timeouts: int
     malformed: int
     outstanding: int
+    held: int
+    """Submissions waiting in the client for room in the ``max_in_flight`` window."""
     broken: str | None
 
 
@@ -234,6 +243,10 @@ class ZmqEngine(Engine):
     after which the server is considered lost: :class:`EngineLost` is pushed
     at most ``heartbeat_timeout`` + 0.1 s (one poll tick) after the last
     event. ``heartbeat_timeout`` must exceed the server's heartbeat interval.
+    At most ``max_in_flight`` submissions (default 64; None: no limit) are
+    at the server and unsettled at once; later ones wait in the client, in
+    order, without a fact until they are sent, and a cancel of one of those
+    is confirmed at once.
     """
 
     name = "zmq"
@@ -247,6 +260,7 @@ class ZmqEngine(Engine):
         heartbeat_timeout: float = 3.0,
         request_timeout: float = 10.0,
         startup_timeout: float = 20.0,
+        max_in_flight: int | None = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
         for label, value in (
             ("heartbeat_timeout", heartbeat_timeout),
@@ -257,6 +271,11 @@ class ZmqEngine(Engine):
                 raise ValueError(f"{label} must be a positive number of seconds, got {value!r}")
         if isinstance(server_args, str):
             raise TypeError("server_args must be a sequence of arguments, not one string")
+        if max_in_flight is not None and (type(max_in_flight) is not int or max_in_flight < 1):
+            raise ValueError(
+                f"max_in_flight must be a whole number >= 1 or None, got {max_in_flight!r}"
+            )
+        self._max_in_flight = max_in_flight
         self._dir = Path(runtime_dir) if runtime_dir is not None else rundir.default_runtime_dir()
         self._start_server = start_server
         self._server_args = tuple(str(arg) for arg in server_args)
@@ -269,6 +288,8 @@ class ZmqEngine(Engine):
         self._lock = threading.Lock()
         """Guards the outstanding submissions, the broken/closing flags and the outbox."""
         self._outstanding: dict[_Key, Submission] = {}
+        self._held: dict[_Key, tuple[Submission, str, bytes, _Pending]] = {}
+        """Submissions not sent yet, in order, while ``max_in_flight`` are outstanding."""
         self._outbox: queue.SimpleQueue[tuple[str, bytes, _Pending]] = queue.SimpleQueue()
         self._backlog: collections.deque[tuple[str, bytes]] = collections.deque()
         self._wake_lock = threading.Lock()
@@ -413,6 +434,20 @@ class ZmqEngine(Engine):
 
     async def cancel(self, submission: Submission) -> None:
         self._check_usable()
+        with self._lock:
+            held = self._held.pop((submission.phase, submission.submission_id), None)
+        if held is not None:  # never sent: cancelled here, at once
+            if submission.phase == "compile":
+                self._push(
+                    CompileCancelled(plate_id=submission.plate_id, job_id=submission.submission_id)
+                )
+            else:
+                self._push(
+                    ExecutionCancelled(
+                        plate_id=submission.plate_id, execution_id=submission.submission_id
+                    )
+                )
+            return
         try:
             request = CancelRequest(id=self._new_id(), submission=self._wire(submission))
         except ValidationError:
@@ -495,7 +530,7 @@ class ZmqEngine(Engine):
     def statistics(self) -> ZmqEngineStatistics:
         c = self._counters
         with self._lock:
-            outstanding = len(self._outstanding)
+            outstanding, held = len(self._outstanding), len(self._held)
         record = self._record
         return ZmqEngineStatistics(
             server_id=self._server_id,
@@ -513,6 +548,7 @@ class ZmqEngine(Engine):
             timeouts=c.timeouts,
             malformed=c.malformed,
             outstanding=outstanding,
+            held=held,
             broken=self._broken,
         )
 
@@ -1119,8 +1155,6 @@ class ZmqEngine(Engine):
             )
             return
         key = (submission.phase, submission.submission_id)
-        with self._lock:
-            self._outstanding[key] = submission  # before sending, so a reconcile covers it
 
         def answered(result: Reply | EngineError) -> None:
             """On the I/O thread: an accepted submission needs nothing; a refused one is
@@ -1133,13 +1167,36 @@ class ZmqEngine(Engine):
                 self._push(rejected(f"the zmq server refused the submission: {result.error}"))
             else:
                 self._push(rejected(str(result)))
+            self._release()
 
         # Sent, not awaited: the reply only matters when it refuses, and then the
         # submission's Rejected fact says so. A phase of a thousand submissions is a
         # thousand queued frames, not a thousand waits on the caller's loop.
         assert isinstance(request.id, str)
-        what = f"{submission.phase} {submission.submission_id}"
-        self._enqueue(request.id, frame, _Pending(answered, 0.0, what))
+        pending = _Pending(answered, 0.0, f"{submission.phase} {submission.submission_id}")
+        with self._lock:
+            window = self._max_in_flight
+            if window is not None and (self._held or len(self._outstanding) >= window):
+                # Flow control: the rest waits here, not in the server's queue, so the
+                # facts coming back never outrun what this client can take in.
+                self._held[key] = (submission, request.id, frame, pending)
+                return
+            self._outstanding[key] = submission  # before sending, so a reconcile covers it
+        self._enqueue(request.id, frame, pending)
+
+    def _release(self) -> None:
+        """Send held submissions while the window has room (any thread)."""
+        released: list[tuple[str, bytes, _Pending]] = []
+        with self._lock:
+            window = self._max_in_flight
+            while self._held and (window is None or len(self._outstanding) < window):
+                key = next(iter(self._held))
+                submission, rid, frame, pending = self._held.pop(key)
+                self._outstanding[key] = submission
+                released.append((rid, frame, pending))
+        for rid, frame, pending in released:
+            with contextlib.suppress(EngineError):  # closing or lost: EngineLost says it all
+                self._enqueue(rid, frame, pending)
 
     async def _call(
         self,
@@ -1221,6 +1278,9 @@ class ZmqEngine(Engine):
             with self._lock:
                 for key in done:
                     self._outstanding.pop(key, None)
+                room = bool(self._held)
+            if room:
+                self._release()
 
     def _push(self, fact: Fact, *, force: bool = False) -> None:
         sink = self._sink
