@@ -9,16 +9,16 @@ at the next heartbeat, so it never busy-polls.
 Work runs in a :class:`LocalEngine`, i.e. in worker processes: a cancel stops
 that one worker, a crashed worker fails only its own execution, and the server
 keeps serving. The engine pushes facts from its watcher thread (and, for
-``*Accepted``/``*Rejected``, from the server's own thread during a submit), so
-its sink touches no socket: it puts the fact on a :class:`queue.SimpleQueue`
-and writes one byte into the self-pipe. The server's thread drains the queue
-and publishes each fact as a :class:`~plateflow.engines.zmq.wire.FactEvent` in
-the order the engine pushed them, which keeps every submission's facts in
-order (Accepted, Started, Progress..., one terminal fact). SIGTERM/SIGINT only
-set a flag; :func:`signal.set_wakeup_fd` on the same pipe wakes the poller.
-The engine's coroutines are driven by a private event loop with
-``run_until_complete``: they do no real waiting, so a request is handled
-synchronously and replies go out in the order requests came in.
+``*Accepted``/``*Rejected``, from the server's own thread during a submit);
+its sink publishes each fact at once as a
+:class:`~plateflow.engines.zmq.wire.FactEvent`. The PUB socket is only ever
+used under one lock, which also assigns the sequence numbers, so events leave
+in sequence order and every submission's facts in the order the engine pushed
+them (Accepted, Started, Progress..., one terminal fact), without a hand-over
+between threads on the way out. SIGTERM/SIGINT only set a flag;
+:func:`signal.set_wakeup_fd` on the self-pipe wakes the poller. Requests are
+handled synchronously through the engine's ``*_now`` methods, so replies go
+out in the order requests came in.
 
 The server adds a fixed number of threads whatever the load: its own thread,
 the engine's watcher thread and ZeroMQ's I/O thread.
@@ -38,7 +38,6 @@ import hmac
 import logging
 import math
 import os
-import queue
 import secrets
 import signal
 import threading
@@ -163,7 +162,8 @@ class ExecutionServer:
         self._token = ""
         self._record: ServerRecord | None = None
 
-        self._facts: queue.SimpleQueue[Fact] = queue.SimpleQueue()
+        self._pub_lock = threading.Lock()
+        """Held for every use of the PUB socket and of ``_seq`` (any thread)."""
         self._wakeup: WakePipe | None = None
         self._stop = threading.Event()
         self._stop_reason = ""
@@ -333,7 +333,6 @@ class ExecutionServer:
             self._await(engine.close())
         except Exception:
             _log.exception("closing the local engine failed")
-        self._flush_facts()  # the Cancelled facts of whatever was still running
 
     def _close_loop(self) -> None:
         loop, self._loop = self._loop, None
@@ -342,10 +341,11 @@ class ExecutionServer:
             loop.close()
 
     def _remove_files(self, directory: Path) -> None:
-        for sock in (self._router, self._pub):
-            if sock is not None:
-                sock.close()
-        self._router = self._pub = None
+        with self._pub_lock:  # a late fact from the engine must not meet a closing socket
+            for sock in (self._router, self._pub):
+                if sock is not None:
+                    sock.close()
+            self._router = self._pub = None
         names = ["server.json", "token"]
         if self._tcp_port is None:
             names += ["control.sock", "events.sock"]
@@ -376,12 +376,9 @@ class ExecutionServer:
         while not self._stop.is_set():
             now = time.monotonic()
             if now >= next_beat:
-                self._flush_facts()
                 self._publish(
-                    HeartbeatEvent(
-                        server_id=self.server_id,
-                        seq=self._seq,
-                        interval=self._heartbeat_interval,
+                    lambda seq: HeartbeatEvent(
+                        server_id=self.server_id, seq=seq, interval=self._heartbeat_interval
                     )
                 )
                 next_beat += self._heartbeat_interval
@@ -398,37 +395,29 @@ class ExecutionServer:
                     except zmq.Again:
                         break
                     self._on_message(frames)
-                    self._flush_facts()
                     if self._stop.is_set():
                         break
-            self._flush_facts()
 
     def _sink(self, fact: Fact) -> None:
-        """The engine's fact sink: any thread, never blocks, touches no socket."""
-        self._facts.put(fact)
-        self._wake()
+        """The engine's fact sink: any thread; publishes at once, never blocks."""
+        self._publish(lambda seq: FactEvent(server_id=self.server_id, seq=seq, fact=fact))
 
     def _wake(self) -> None:
         wakeup = self._wakeup
         if wakeup is not None:
             wakeup.wake()
 
-    def _flush_facts(self) -> None:
-        while True:
-            try:
-                fact = self._facts.get_nowait()
-            except queue.Empty:
+    def _publish(self, make: Callable[[int], FactEvent | HeartbeatEvent]) -> None:
+        """Number and send one event (any thread; the lock keeps seq order on the wire)."""
+        with self._pub_lock:
+            seq = self._seq
+            self._seq += 1  # a dropped event still uses its seq: that is how clients see a gap
+            if self._pub is None:
                 return
-            self._publish(FactEvent(server_id=self.server_id, seq=self._seq, fact=fact))
-
-    def _publish(self, event: FactEvent | HeartbeatEvent) -> None:
-        self._seq += 1  # a dropped event still uses its seq: that is how clients see the gap
-        if self._pub is None:
-            return
-        try:
-            self._pub.send(encode(event), zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            _log.warning("dropped event %s: %s", event.seq, exc)
+            try:
+                self._pub.send(encode(make(seq)), zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                _log.warning("dropped event %s: %s", seq, exc)
 
     # --- requests -------------------------------------------------------------------
 
