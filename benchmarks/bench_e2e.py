@@ -1438,6 +1438,31 @@ async def profile(n: int, workers: int, window: int, top: int) -> dict[str, Any]
     }
 
 
+DASK_SIZES = (100, 1_000)
+DASK_TARGET_RATIO = 2.0
+
+
+def add_dask(result: dict[str, Any]) -> None:
+    """Merge bench_dask.py's figures (LocalCluster with worker processes) into ``result``."""
+    import bench_dask  # benchmarks/ is this script's folder, so it is on sys.path
+
+    log(f"  dask: plateflow vs raw compile->execute task pairs, N = {DASK_SIZES}")
+    started = time.perf_counter()
+    figures = bench_dask.measure(DASK_SIZES)
+    result.update(figures)
+    ok = figures["dask_per_plate_ms"] <= DASK_TARGET_RATIO * figures["dask_raw_per_task_ms"]
+    result["targets"]["dask_per_plate_ms_vs_raw"] = DASK_TARGET_RATIO
+    result["targets_met"]["dask_per_plate_le_2x_raw"] = ok
+    result["targets_met"]["all"] = bool(result["targets_met"]["all"]) and ok
+    result["phases_s"]["dask"] = round(time.perf_counter() - started, 1)
+    for n in DASK_SIZES:
+        log(
+            f"    N={n:>6}: plateflow {figures[f'dask_per_plate_ms_{n}']:.2f} ms/plate, "
+            f"raw {figures[f'dask_raw_per_task_ms_{n}']:.2f} ms/task pair "
+            f"({figures[f'dask_ratio_{n}']:.2f}x; target <= {DASK_TARGET_RATIO:g}x)"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="N = 100 and 1,000 only")
@@ -1471,6 +1496,13 @@ def main(argv: list[str] | None = None) -> int:
         help="cProfile the client through one batch of N plates (default 1000) instead",
     )
     parser.add_argument("--top", type=int, default=25, help="rows per profile table")
+    parser.add_argument(
+        "--dask",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also run the Dask comparison of bench_dask.py at N = 100 and 1,000 "
+        "(default: in a full run, not with --quick)",
+    )
     parser.add_argument(
         "--status-interval",
         type=float,
@@ -1506,6 +1538,8 @@ def main(argv: list[str] | None = None) -> int:
         if not plan.reps:
             parser.error("no size of the plan is left to run")
         result = asyncio.run(run(plan, mode, args.workers, args.window))
+        if args.dask if args.dask is not None else not args.quick:
+            add_dask(result)
     sys.stdout.flush()
     print(json.dumps(result, separators=(",", ":")))
     return 0
