@@ -1,9 +1,10 @@
-"""Small builders shared by the core tests (not part of the public testing kit)."""
+"""Small builders shared by the tests (not part of the public testing kit)."""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from plateflow.core import (
     Batch,
@@ -12,6 +13,8 @@ from plateflow.core import (
     Decision,
     Fact,
 )
+from plateflow.jobs import CompileJob
+from plateflow.pipeline.spec import PipelineSpec, StepSpec
 
 
 def ticking_clock(start: float = 1000.0, step: float = 0.5) -> Callable[[], float]:
@@ -46,3 +49,17 @@ def feed(batch: Batch, facts: Iterable[Fact]) -> list[Decision]:
     for fact in facts:
         out.extend(batch.handle(fact))
     return out
+
+
+def spec(*steps: tuple[str, dict[str, Any]] | str) -> PipelineSpec:
+    """A pipeline of ``steps_for_tests`` steps: ``"finish"`` or ``("count", {"n": 3})``."""
+    out = []
+    for step in steps:
+        name, params = (step, {}) if isinstance(step, str) else step
+        out.append(StepSpec(function=f"steps_for_tests:{name}", params=params))
+    return PipelineSpec(name="test", steps=tuple(out))
+
+
+def engine_job(plate: str, pipeline: PipelineSpec) -> CompileJob:
+    """The compile job an engine test submits for ``plate``."""
+    return CompileJob(plate_id=plate, plate_path=f"/plates/{plate}", pipeline=pipeline)

@@ -27,6 +27,8 @@ import dask
 import pytest
 from distributed import LocalCluster
 
+from helpers import engine_job as job
+from helpers import spec
 from plateflow.core import BatchState, BatchSummary, PlateOutcome, PlateState, Reason
 from plateflow.core.facts import (
     CompileFailed,
@@ -51,6 +53,7 @@ from plateflow.pipeline.spec import PipelineSpec, StepSpec
 from plateflow.service import BatchWorkflowService, Plate
 
 T = TypeVar("T")
+
 ALLOWED = ("steps_for_tests",)
 TIMEOUT = 30.0
 TERMINAL = (
@@ -138,18 +141,6 @@ class Facts:
             if isinstance(fact, ExecutionProgress) and fact.message.startswith("pid="):
                 return int(fact.message.removeprefix("pid="))
         raise AssertionError("unreachable")
-
-
-def spec(*steps: tuple[str, dict[str, Any]] | str) -> PipelineSpec:
-    out = []
-    for step in steps:
-        name, params = (step, {}) if isinstance(step, str) else step
-        out.append(StepSpec(function=f"steps_for_tests:{name}", params=params))
-    return PipelineSpec(name="test", steps=tuple(out))
-
-
-def job(plate: str, pipeline: PipelineSpec) -> CompileJob:
-    return CompileJob(plate_id=plate, plate_path=f"/plates/{plate}", pipeline=pipeline)
 
 
 @asynccontextmanager

@@ -20,6 +20,8 @@ from typing import Any, cast
 
 import pytest
 
+from helpers import engine_job as job
+from helpers import spec
 from plateflow.core.facts import (
     CompileAccepted,
     CompileCancelled,
@@ -114,18 +116,6 @@ class Facts:
             if isinstance(fact, ExecutionProgress) and fact.message.startswith("pid="):
                 return int(fact.message.removeprefix("pid="))
         raise AssertionError("unreachable")
-
-
-def spec(*steps: tuple[str, dict[str, Any]] | str) -> PipelineSpec:
-    out = []
-    for step in steps:
-        name, params = (step, {}) if isinstance(step, str) else step
-        out.append(StepSpec(function=f"steps_for_tests:{name}", params=params))
-    return PipelineSpec(name="test", steps=tuple(out))
-
-
-def job(plate: str, pipeline: PipelineSpec) -> CompileJob:
-    return CompileJob(plate_id=plate, plate_path=f"/plates/{plate}", pipeline=pipeline)
 
 
 Body = Callable[[LocalEngine, Facts], Awaitable[None]]
