@@ -19,78 +19,32 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from pydantic import JsonValue
 
-from plateflow import Journal, replay
+from plateflow import Journal, replay, testing
 from plateflow.core import Batch, BatchState, BatchSummary, PlateOutcome, PlateState, Reason
 from plateflow.core.facts import ExecutionStarted, ExecutionSucceeded, Fact
 from plateflow.engines.local import LocalEngine
 from plateflow.errors import UsageError
 from plateflow.examples.platereader import GeneratedPlate, demo_pipeline, generate_plates
-from plateflow.host import BaseBatchHost
 from plateflow.pipeline.spec import PipelineSpec, StepSpec
 from plateflow.runtime.dispatch import ThreadDispatcher
-from plateflow.runtime.progress import ProgressSnapshot
 from plateflow.service import BatchWorkflowService, Plate, SyncBatchWorkflowService
 
 T = TypeVar("T")
 TIMEOUT = 60.0
 
 
-class RecordingHost(BaseBatchHost):
-    """Records every callback with the thread it ran on; can trigger actions on events."""
+class RecordingHost(testing.RecordingHost):
+    """The kit's recording host, with a hook on plate-state callbacks for the scenarios."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[str, tuple[Any, ...]]] = []
-        self.threads: set[int] = set()
+        super().__init__(on_call=self._on_call)
         self.on_state: Callable[[str, PlateState], None] | None = None
-        self.raise_in: set[str] = set()
         self.late_posted = False
 
-    def _record(self, name: str, *args: Any) -> None:
-        self.calls.append((name, args))
-        self.threads.add(threading.get_ident())
-        if name in self.raise_in:
-            raise RuntimeError(f"host bug in {name}")
-
-    def names(self, name: str) -> list[tuple[Any, ...]]:
-        return [args for n, args in self.calls if n == name]
-
-    def emit_status(self, message: str) -> None:
-        self._record("emit_status", message)
-
-    def emit_error(self, message: str, *, code: str = "", plate_id: str | None = None) -> None:
-        self._record("emit_error", message, code, plate_id)
-
-    def emit_progress_started(self, total: int) -> None:
-        self._record("emit_progress_started", total)
-
-    def emit_progress_updated(self, snapshot: ProgressSnapshot) -> None:
-        self._record("emit_progress_updated", snapshot)
-
-    def emit_progress_finished(self, snapshot: ProgressSnapshot) -> None:
-        self._record("emit_progress_finished", snapshot)
-
-    def update_item_list(self) -> None:
-        self._record("update_item_list")
-
-    def update_button_states(self, batch_state: BatchState) -> None:
-        self._record("update_button_states", batch_state)
-
-    def emit_orchestrator_state(self, plate_id: str, state: PlateState) -> None:
-        self._record("emit_orchestrator_state", plate_id, state)
-        if self.on_state is not None:
-            self.on_state(plate_id, state)
-
-    def emit_execution_complete(self, summary: BatchSummary) -> None:
-        self._record("emit_execution_complete", summary)
-
-    def on_plate_completed(self, plate_id: str, outcome: PlateOutcome, result: JsonValue) -> None:
-        self._record("on_plate_completed", plate_id, outcome, result)
-
-    def on_all_plates_completed(self, summary: BatchSummary) -> None:
-        self._record("on_all_plates_completed", summary)
+    def _on_call(self, call: testing.Call) -> None:
+        if call.name == "emit_orchestrator_state" and self.on_state is not None:
+            self.on_state(*call.args)
 
 
 @pytest.fixture
@@ -139,7 +93,7 @@ def check_convergence(host: RecordingHost, plate_ids: list[str]) -> BatchSummary
     """C2 and C3 as the host sees them; returns the one summary."""
     completed = [args[0] for args in host.names("on_plate_completed")]
     assert sorted(completed) == sorted(plate_ids), "C2: exactly one report per plate"
-    names = [n for n, _ in host.calls]
+    names = [c.name for c in host.calls]
     assert names.count("on_all_plates_completed") == 1, "C3: one batch report"
     assert names.count("emit_execution_complete") == 1, "C3: one completion"
     last_plate = max(i for i, n in enumerate(names) if n == "on_plate_completed")
