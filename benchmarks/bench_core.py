@@ -50,10 +50,8 @@ import gc
 import itertools
 import json
 import os
-import platform
 import pstats
 import statistics
-import subprocess
 import sys
 import time
 import tracemalloc
@@ -64,6 +62,7 @@ from typing import Any
 
 from transitions import Machine
 
+from _common import log, machine_info, source_info
 from plateflow.core import (
     PLATE_TABLE,
     Batch,
@@ -459,52 +458,6 @@ def quantile_us(values: list[int], q: float) -> float:
     return us(ordered[min(len(ordered) - 1, int(q * len(ordered)))])
 
 
-def machine_info() -> dict[str, Any]:
-    model = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        load = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        load = []
-    return {
-        "cores": os.cpu_count(),
-        "loadavg_1_5_15_at_end": load,
-        "cpu_model": model or platform.processor(),
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "arch": platform.machine(),
-    }
-
-
-def source_info() -> dict[str, Any]:
-    """The commit measured, and whether the core had uncommitted changes (others edit it)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-    def git(*args: str) -> str:
-        try:
-            done = subprocess.run(
-                ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=False
-            )
-        except (OSError, subprocess.SubprocessError):
-            return ""
-        return done.stdout.strip()
-
-    dirty = bool(git("status", "--porcelain", "--", "src/plateflow/core"))
-    return {"commit": git("rev-parse", "--short", "HEAD"), "core_dirty": dirty}
-
-
-def log(message: str = "") -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def run(plan: Plan, quick: bool, gc_off: bool) -> dict[str, Any]:
     wall0 = time.perf_counter()
     load_at_start = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else []
@@ -686,8 +639,8 @@ def run(plan: Plan, quick: bool, gc_off: bool) -> dict[str, Any]:
         ),
         "statistic": "median (p90/p99 for context)",
         "clock": "itertools.count(0.0, 0.001).__next__",
-        "machine": {**machine_info(), "loadavg_1_5_15_at_start": load_at_start},
-        "source": source_info(),
+        "machine": machine_info(loadavg_1_5_15_at_start=load_at_start),
+        "source": source_info("src/plateflow/core", "core_dirty"),
         "phases_s": phases,
         "wall_s": round(time.perf_counter() - wall0, 1),
     }

@@ -42,6 +42,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from _common import log
+
 BENCH_DIR = Path(__file__).resolve().parent
 if str(BENCH_DIR) not in sys.path:  # the workers import noop_steps (spawned with our sys.path)
     sys.path.insert(0, str(BENCH_DIR))
@@ -68,10 +70,6 @@ DEFAULT_REPS = 3
 WARMUP_N = 20
 TARGET_RATIO = 2.0
 BATCH_TIMEOUT_S = 600.0
-
-
-def log(message: str = "") -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # --- the raw side: the same work as plain Dask tasks --------------------------------------------

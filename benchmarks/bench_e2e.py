@@ -69,7 +69,6 @@ import gc
 import json
 import multiprocessing
 import os
-import platform
 import pstats
 import resource
 import shutil
@@ -90,6 +89,7 @@ from typing import Any
 import zmq
 from pydantic import JsonValue
 
+from _common import loadavg, log, machine_info, source_info
 from plateflow import (
     BaseBatchHost,
     BatchState,
@@ -168,10 +168,6 @@ def capped(plan: Plan, max_n: int | None) -> Plan:
 # --- small helpers ---------------------------------------------------------------------------
 
 
-def log(message: str = "") -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def plate_id(i: int) -> str:
     return f"plate-{i:05d}"
 
@@ -189,13 +185,6 @@ def quantile(values: Sequence[float], q: float) -> float | None:
 
 def r3(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
-
-
-def loadavg() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
 
 
 def os_threads() -> int:
@@ -1085,8 +1074,12 @@ async def run(plan: Plan, mode: str, workers: int, window: int) -> dict[str, Any
         "warmup_plates": WARMUP_N,
     }
     result["aborted"] = aborted or None
-    result["machine"] = machine_info(load_at_start)
-    result["source"] = source_info()
+    result["machine"] = machine_info(
+        loadavg_1_5_15_at_start=load_at_start,
+        pyzmq=zmq.__version__,
+        libzmq=zmq.zmq_version(),
+    )
+    result["source"] = source_info("src", "src_dirty")
     result["phases_s"] = phases
     result["wall_s"] = round(time.perf_counter() - wall0, 1)
     report(result)
@@ -1161,46 +1154,6 @@ def headline(by_n: dict[int, dict[str, Any]], rss: dict[str, float | None]) -> d
     out["targets_met"] = met
     out["targets_not_measured"] = not_measured
     return out
-
-
-def machine_info(load_at_start: list[float]) -> dict[str, Any]:
-    model = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "cores": os.cpu_count(),
-        "cpu_model": model or platform.processor(),
-        "loadavg_1_5_15_at_start": load_at_start,
-        "loadavg_1_5_15_at_end": loadavg(),
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "pyzmq": zmq.__version__,
-        "libzmq": zmq.zmq_version(),
-        "platform": platform.platform(),
-        "arch": platform.machine(),
-    }
-
-
-def source_info() -> dict[str, Any]:
-    """The commit measured, and whether src/ had uncommitted changes (others edit it)."""
-
-    def git(*args: str) -> str:
-        try:
-            done = subprocess.run(
-                ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False
-            )
-        except (OSError, subprocess.SubprocessError):
-            return ""
-        return done.stdout.strip()
-
-    dirty = bool(git("status", "--porcelain", "--", "src"))
-    return {"commit": git("rev-parse", "--short", "HEAD"), "src_dirty": dirty}
 
 
 def _fmt(value: Any, unit: str = "", digits: int = 2) -> str:

@@ -1,0 +1,62 @@
+"""What every benchmark here reports the same way: the machine, the commit, the log line."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def log(message: str = "") -> None:
+    """The readable table goes to stderr; stdout keeps only the final JSON line."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return []
+
+
+def machine_info(**extra: Any) -> dict[str, Any]:
+    """CPU, Python and platform, the load average now, and what the caller adds."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": model or platform.processor(),
+        "loadavg_1_5_15_at_end": loadavg(),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "arch": platform.machine(),
+        **extra,
+    }
+
+
+def source_info(watched: str, dirty_key: str) -> dict[str, Any]:
+    """The commit measured, and whether ``watched`` had uncommitted changes (others edit it)."""
+
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(
+                ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False
+            )
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return done.stdout.strip()
+
+    dirty = bool(git("status", "--porcelain", "--", watched))
+    return {"commit": git("rev-parse", "--short", "HEAD"), dirty_key: dirty}
