@@ -673,19 +673,28 @@ def test_the_hypothesis_profiles_match_what_the_project_used() -> None:
     assert (nightly.max_examples, nightly.derandomize) == (5_000, False)
 
 
-@pytest.mark.parametrize(("profile", "examples"), [("ci", 300), (None, 50)])
+@pytest.mark.parametrize(
+    ("profile", "examples", "derandomized", "in_ci"),
+    [("ci", 300, True, False), (None, 50, False, False), ("nightly", 5_000, False, True)],
+    ids=["ci", "unset", "nightly-with-CI-variable"],
+)
 def test_the_plugin_selects_the_profile_from_the_environment(
-    tmp_path: Path, profile: str | None, examples: int
+    tmp_path: Path, profile: str | None, examples: int, derandomized: bool, in_ci: bool
 ) -> None:
+    # Hypothesis itself loads a derandomised profile when it sees CI=...; ours must
+    # not inherit from it (a nightly run on a CI machine would repeat one sequence).
     (tmp_path / "test_profile.py").write_text(
         "from hypothesis import settings\n\n"
         "def test_profile():\n"
-        f"    assert settings.default.max_examples == {examples}\n",
+        f"    assert settings.default.max_examples == {examples}\n"
+        f"    assert settings.default.derandomize is {derandomized}\n",
         encoding="utf-8",
     )
-    env = {k: v for k, v in os.environ.items() if k != "HYPOTHESIS_PROFILE"}
+    env = {k: v for k, v in os.environ.items() if k not in ("HYPOTHESIS_PROFILE", "CI")}
     if profile is not None:
         env["HYPOTHESIS_PROFILE"] = profile
+    if in_ci:
+        env["CI"] = "true"
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
         capture_output=True,

@@ -45,19 +45,29 @@ SERVER_TIMEOUT: Final = 30.0
 
 
 def register_profiles() -> None:
-    """Register the ``dev`` / ``ci`` / ``nightly`` profiles and load the one selected."""
-    settings.register_profile("dev", max_examples=50, deadline=None)
+    """Register the ``dev`` / ``ci`` / ``nightly`` profiles and load the one selected.
+
+    Each profile is built on Hypothesis's own ``default`` profile, not on whatever
+    is current: Hypothesis loads its built-in ``ci`` profile (derandomised) when it
+    sees a ``CI`` variable, and ``nightly`` must stay random there.
+    """
+    base = settings.get_profile("default")
+    settings.register_profile("dev", base, max_examples=50, deadline=None)
     settings.register_profile(
         "ci",
+        base,
         max_examples=300,
         derandomize=True,
+        database=None,
         deadline=None,
         print_blob=True,
         suppress_health_check=[HealthCheck.too_slow],
     )
     settings.register_profile(
         "nightly",
+        base,
         max_examples=5_000,
+        derandomize=False,
         deadline=None,
         print_blob=True,
         suppress_health_check=[HealthCheck.too_slow],
