@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import queue
 import shutil
@@ -51,7 +52,12 @@ from plateflow.core.facts import (
 )
 from plateflow.engines.base import Engine, EngineError, FactSink, Submission
 from plateflow.engines.zmq import rundir
-from plateflow.engines.zmq.engine import POLL_TICK, ZmqEngine
+from plateflow.engines.zmq.engine import (
+    DEFAULT_MAX_IN_FLIGHT,
+    POLL_TICK,
+    WINDOW_PER_WORKER,
+    ZmqEngine,
+)
 from plateflow.engines.zmq.rundir import ServerRecord
 from plateflow.engines.zmq.wire import (
     FactEvent,
@@ -1106,9 +1112,36 @@ def test_the_window_holds_submissions_in_order_and_cancels_a_held_one_at_once(
     assert facts.kinds("x3") == ["execution_cancelled"]
 
 
+def test_the_auto_window_follows_the_server_worker_count(rdir: Path, tmp_path: Path) -> None:
+    starter = engine_for(rdir, tmp_path, "--workers", "3")
+    assert starter.max_in_flight == DEFAULT_MAX_IN_FLIGHT  # until the server is known
+
+    async def scenario() -> None:
+        await starter.start(Facts())
+        try:
+            assert starter.max_in_flight == 3 * WINDOW_PER_WORKER
+            fixed = ZmqEngine(rdir, start_server=False, max_in_flight=5)
+            unlimited = ZmqEngine(rdir, start_server=False, max_in_flight=None)
+            # A record written by a server that does not say how many workers it has.
+            record = rundir.read_record(rdir)
+            assert record is not None and record.workers == 3
+            rundir.write_record(rdir, dataclasses.replace(record, workers=None))
+            unknown = ZmqEngine(rdir, start_server=False)
+            for engine in (fixed, unlimited, unknown):
+                await engine.start(Facts())
+                await engine.close()
+            assert (fixed.max_in_flight, unlimited.max_in_flight) == (5, None)
+            assert unknown.max_in_flight == DEFAULT_MAX_IN_FLIGHT
+        finally:
+            await starter.close()
+
+    run(scenario())
+
+
 def test_bad_arguments_are_refused() -> None:
-    with pytest.raises(ValueError, match="max_in_flight"):
-        ZmqEngine(Path("/nonexistent"), max_in_flight=0)
+    for bad in (0, -1, 2.5, "many", True):
+        with pytest.raises(ValueError, match="max_in_flight"):
+            ZmqEngine(Path("/nonexistent"), max_in_flight=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="heartbeat_timeout"):
         ZmqEngine(Path("/nonexistent"), heartbeat_timeout=0)
     with pytest.raises(TypeError, match="sequence"):

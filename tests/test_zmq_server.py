@@ -328,9 +328,11 @@ def test_runtime_dir_is_private_token_is_0600_and_the_record_is_complete(server:
         "protocol",
         "heartbeat_interval",
         "started_at",
+        "workers",
     }
     record = server.record
     assert record.pid == server.process.pid
+    assert record.workers == 3
     assert record.control == f"ipc://{directory / 'control.sock'}"
     assert record.events == f"ipc://{directory / 'events.sock'}"
     assert record.protocol == PROTOCOL_VERSION

@@ -373,6 +373,11 @@ class LocalEngine(Engine):
         """Where steps write (known once started)."""
         return self._output_dir
 
+    @property
+    def max_workers(self) -> int:
+        """How many submissions run at once, at most (one worker process each)."""
+        return self._max_workers
+
     async def start(self, sink: FactSink) -> None:
         if self._closed:
             raise EngineError("the local engine is closed; make a new one")

@@ -65,7 +65,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, final
+from typing import Any, Final, Literal, final
 
 import zmq
 from pydantic import BaseModel, JsonValue, ValidationError
@@ -107,7 +107,13 @@ from plateflow.engines.zmq.wire import (
 from plateflow.errors import UsageError
 from plateflow.jobs import CompileJob
 
-__all__ = ["DEFAULT_MAX_IN_FLIGHT", "POLL_TICK", "ZmqEngine", "ZmqEngineStatistics"]
+__all__ = [
+    "DEFAULT_MAX_IN_FLIGHT",
+    "POLL_TICK",
+    "WINDOW_PER_WORKER",
+    "ZmqEngine",
+    "ZmqEngineStatistics",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -119,13 +125,18 @@ _JOIN_TIMEOUT: Final = 5.0
 _PING_TIMEOUT: Final = 1.0
 _MAX_INBOUND_BYTES: Final = 64 << 20
 """Replies and events come from our own user's server; a status reply may be large."""
-DEFAULT_MAX_IN_FLIGHT: Final = 64
-"""Submissions sent and not yet settled, at most, by default; the rest wait in the client.
+WINDOW_PER_WORKER: Final = 8
+"""With ``max_in_flight="auto"``: submissions in flight per worker of the server."""
+DEFAULT_MAX_IN_FLIGHT: Final = 16
+"""With ``max_in_flight="auto"``, the window for a server whose record names no worker count.
 
 A window keeps the server from running further ahead than this client can take
-in: with everything sent at once, the facts of a thousand fast plates queue up
-in front of the client and each waits for all before it (tens to hundreds of ms
-on a busy two-core machine). Sixty-four keeps dozens of workers busy."""
+in. Everything the server finishes while the client is busy arrives at once, and
+each terminal fact waits for every fact queued in front of it: with everything
+sent at once, tens to hundreds of ms for a thousand fast plates on a busy
+two-core machine; with 64 in flight for two workers, a p90 near 20 ms; with 8 per
+worker, a few ms, at the same throughput (see docs/performance.md). Eight per
+worker still keeps every worker busy while a reply and a new submission cross."""
 _STATUS_CHUNK: Final = 200
 """Submissions per status request, so neither request nor reply nears the frame limit."""
 _DRAIN_BATCH: Final = 1_000
@@ -243,10 +254,12 @@ class ZmqEngine(Engine):
     after which the server is considered lost: :class:`EngineLost` is pushed
     at most ``heartbeat_timeout`` + 0.1 s (one poll tick) after the last
     event. ``heartbeat_timeout`` must exceed the server's heartbeat interval.
-    At most ``max_in_flight`` submissions (default 64; None: no limit) are
-    at the server and unsettled at once; later ones wait in the client, in
-    order, without a fact until they are sent, and a cancel of one of those
-    is confirmed at once.
+    At most ``max_in_flight`` submissions are at the server and unsettled at
+    once; later ones wait in the client, in order, without a fact until they
+    are sent, and a cancel of one of those is confirmed at once. ``"auto"``
+    (the default) is :data:`WINDOW_PER_WORKER` per worker of the server (16
+    for two), :data:`DEFAULT_MAX_IN_FLIGHT` when its record does not say;
+    ``None`` sends everything at once.
     """
 
     name = "zmq"
@@ -260,7 +273,7 @@ class ZmqEngine(Engine):
         heartbeat_timeout: float = 3.0,
         request_timeout: float = 10.0,
         startup_timeout: float = 20.0,
-        max_in_flight: int | None = DEFAULT_MAX_IN_FLIGHT,
+        max_in_flight: int | Literal["auto"] | None = "auto",
     ) -> None:
         for label, value in (
             ("heartbeat_timeout", heartbeat_timeout),
@@ -271,11 +284,16 @@ class ZmqEngine(Engine):
                 raise ValueError(f"{label} must be a positive number of seconds, got {value!r}")
         if isinstance(server_args, str):
             raise TypeError("server_args must be a sequence of arguments, not one string")
-        if max_in_flight is not None and (type(max_in_flight) is not int or max_in_flight < 1):
+        window_ok = max_in_flight is None or max_in_flight == "auto"
+        if not window_ok and (type(max_in_flight) is not int or max_in_flight < 1):
             raise ValueError(
-                f"max_in_flight must be a whole number >= 1 or None, got {max_in_flight!r}"
+                f"max_in_flight must be a whole number >= 1, 'auto' or None, got {max_in_flight!r}"
             )
-        self._max_in_flight = max_in_flight
+        self._window_asked: int | Literal["auto"] | None = max_in_flight
+        self._max_in_flight: int | None = (
+            DEFAULT_MAX_IN_FLIGHT if max_in_flight == "auto" else max_in_flight
+        )
+        """The window in force: ``"auto"`` is resolved when the server is found."""
         self._dir = Path(runtime_dir) if runtime_dir is not None else rundir.default_runtime_dir()
         self._start_server = start_server
         self._server_args = tuple(str(arg) for arg in server_args)
@@ -370,6 +388,8 @@ class ZmqEngine(Engine):
             self._ctx = None
             raise
         self._record = found.record
+        if self._window_asked == "auto" and found.record.workers is not None:
+            self._max_in_flight = WINDOW_PER_WORKER * max(1, found.record.workers)
         self._process = found.process
         self._token = found.token
         self._log_path = found.log_path
@@ -526,6 +546,11 @@ class ZmqEngine(Engine):
                 await asyncio.to_thread(self._reap, process, asked)
 
     # --- extras ------------------------------------------------------------------------------
+
+    @property
+    def max_in_flight(self) -> int | None:
+        """The window in force (``"auto"`` is resolved by :meth:`start`); None: no limit."""
+        return self._max_in_flight
 
     def statistics(self) -> ZmqEngineStatistics:
         c = self._counters

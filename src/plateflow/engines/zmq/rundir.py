@@ -60,6 +60,8 @@ class ServerRecord:
     protocol: int
     heartbeat_interval: float
     started_at: float
+    workers: int | None = None
+    """How many submissions the server runs at once (None: a record that does not say)."""
 
 
 def default_runtime_dir() -> Path:

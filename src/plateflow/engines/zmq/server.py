@@ -245,6 +245,7 @@ class ExecutionServer:
                 protocol=PROTOCOL_VERSION,
                 heartbeat_interval=self._heartbeat_interval,
                 started_at=time.time(),
+                workers=engine.max_workers,
             )
             rundir.write_record(directory, self._record)
             self._started = time.monotonic()
