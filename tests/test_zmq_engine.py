@@ -1124,7 +1124,8 @@ def test_the_auto_window_follows_the_server_worker_count(rdir: Path, tmp_path: P
             unlimited = ZmqEngine(rdir, start_server=False, max_in_flight=None)
             # A record written by a server that does not say how many workers it has.
             record = rundir.read_record(rdir)
-            assert record is not None and record.workers == 3
+            assert record is not None
+            assert record.workers == 3
             rundir.write_record(rdir, dataclasses.replace(record, workers=None))
             unknown = ZmqEngine(rdir, start_server=False)
             for engine in (fixed, unlimited, unknown):

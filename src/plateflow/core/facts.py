@@ -15,6 +15,7 @@ engine's acknowledgement can still be matched to its plate.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import uuid
 from typing import Annotated, Literal
@@ -62,6 +63,14 @@ _CONFIG = ConfigDict(extra="forbid")
 @dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class _FactBase:
     stimulus_id: str = Field(default_factory=_next_stimulus_id, min_length=1)
+    observed_at: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = dataclasses.field(
+        default=None, compare=False, repr=False
+    )
+    """Unix time at which what the fact says was seen, when its maker says: the
+    engines stamp every fact they make with their own clock (the core reads no
+    clock). A server's fact keeps the server's time across the wire, and a terminal
+    fact repeated in a status answer keeps its first time. Information only: the
+    batch never reads it, and equal facts may differ in it."""
 
 
 # --- host commands -----------------------------------------------------------

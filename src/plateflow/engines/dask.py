@@ -452,7 +452,10 @@ class DaskEngine(Engine):
         if duplicate:
             self._push(
                 CompileRejected(
-                    plate_id=job.plate_id, job_id=job_id, error=f"duplicate compile id {job_id!r}"
+                    observed_at=time.time(),
+                    plate_id=job.plate_id,
+                    job_id=job_id,
+                    error=f"duplicate compile id {job_id!r}",
                 )
             )
             return
@@ -466,7 +469,9 @@ class DaskEngine(Engine):
             job_id,
         )
         if future is not None:
-            self._push(CompileAccepted(plate_id=job.plate_id, job_id=job_id))
+            self._push(
+                CompileAccepted(observed_at=time.time(), plate_id=job.plate_id, job_id=job_id)
+            )
 
     async def submit_execution(self, execution_id: str, job: CompileJob, artifact_id: str) -> None:
         client = self._usable()
@@ -487,7 +492,12 @@ class DaskEngine(Engine):
                 self._works[("execute", execution_id)] = work
         if error is not None:
             self._push(
-                ExecutionRejected(plate_id=job.plate_id, execution_id=execution_id, error=error)
+                ExecutionRejected(
+                    observed_at=time.time(),
+                    plate_id=job.plate_id,
+                    execution_id=execution_id,
+                    error=error,
+                )
             )
             return
         assert self._output_dir is not None  # set by start
@@ -501,7 +511,11 @@ class DaskEngine(Engine):
             progress_interval=self._progress_interval,
         )
         if self._submit(client, work, _execute_task, artifact, run) is not None:
-            self._push(ExecutionAccepted(plate_id=job.plate_id, execution_id=execution_id))
+            self._push(
+                ExecutionAccepted(
+                    observed_at=time.time(), plate_id=job.plate_id, execution_id=execution_id
+                )
+            )
 
     async def cancel(self, submission: Submission) -> None:
         client = self._usable()
@@ -534,14 +548,28 @@ class DaskEngine(Engine):
                 if work.terminal is not None:
                     facts.append(_fresh(work.terminal))
                 elif work.phase == "compile":
-                    facts.append(CompileAccepted(plate_id=work.plate_id, job_id=work.submission_id))
+                    facts.append(
+                        CompileAccepted(
+                            observed_at=time.time(),
+                            plate_id=work.plate_id,
+                            job_id=work.submission_id,
+                        )
+                    )
                 elif work.started:
                     facts.append(
-                        ExecutionStarted(plate_id=work.plate_id, execution_id=work.submission_id)
+                        ExecutionStarted(
+                            observed_at=time.time(),
+                            plate_id=work.plate_id,
+                            execution_id=work.submission_id,
+                        )
                     )
                 else:
                     facts.append(
-                        ExecutionAccepted(plate_id=work.plate_id, execution_id=work.submission_id)
+                        ExecutionAccepted(
+                            observed_at=time.time(),
+                            plate_id=work.plate_id,
+                            execution_id=work.submission_id,
+                        )
                     )
         return facts
 
@@ -742,14 +770,28 @@ class DaskEngine(Engine):
     @staticmethod
     def _cancelled(work: _Work) -> Fact:
         if work.phase == "compile":
-            return CompileCancelled(plate_id=work.plate_id, job_id=work.submission_id)
-        return ExecutionCancelled(plate_id=work.plate_id, execution_id=work.submission_id)
+            return CompileCancelled(
+                observed_at=time.time(), plate_id=work.plate_id, job_id=work.submission_id
+            )
+        return ExecutionCancelled(
+            observed_at=time.time(), plate_id=work.plate_id, execution_id=work.submission_id
+        )
 
     @staticmethod
     def _failed(work: _Work, error: str) -> Fact:
         if work.phase == "compile":
-            return CompileFailed(plate_id=work.plate_id, job_id=work.submission_id, error=error)
-        return ExecutionFailed(plate_id=work.plate_id, execution_id=work.submission_id, error=error)
+            return CompileFailed(
+                observed_at=time.time(),
+                plate_id=work.plate_id,
+                job_id=work.submission_id,
+                error=error,
+            )
+        return ExecutionFailed(
+            observed_at=time.time(),
+            plate_id=work.plate_id,
+            execution_id=work.submission_id,
+            error=error,
+        )
 
     # --- Dask callbacks ------------------------------------------------------------------------
 
@@ -772,9 +814,12 @@ class DaskEngine(Engine):
         fact: Fact | None = None
         try:
             if kind == "started":
-                fact = ExecutionStarted(plate_id=work.plate_id, execution_id=work.submission_id)
+                fact = ExecutionStarted(
+                    observed_at=time.time(), plate_id=work.plate_id, execution_id=work.submission_id
+                )
             elif kind == "progress":
                 fact = ExecutionProgress(
+                    observed_at=time.time(),
                     plate_id=work.plate_id,
                     execution_id=work.submission_id,
                     done=message["done"],
@@ -806,7 +851,10 @@ class DaskEngine(Engine):
         self._settle(
             work,
             CompileSucceeded(
-                plate_id=work.plate_id, job_id=work.submission_id, artifact_id=artifact_id
+                observed_at=time.time(),
+                plate_id=work.plate_id,
+                job_id=work.submission_id,
+                artifact_id=artifact_id,
             ),
         )
 
@@ -894,7 +942,10 @@ class DaskEngine(Engine):
             requested = work.cancel_requested
         if kind == "succeeded":
             return ExecutionSucceeded(
-                plate_id=work.plate_id, execution_id=work.submission_id, result=value["result"]
+                observed_at=time.time(),
+                plate_id=work.plate_id,
+                execution_id=work.submission_id,
+                result=value["result"],
             )
         if kind == "cancelled" or (kind == "failed" and requested):
             if requested:
@@ -956,7 +1007,7 @@ class DaskEngine(Engine):
             self._lost = reason
         _log.warning("dask engine lost: %s", reason)
         sink = self._sink
-        self._push(EngineLost(reason=reason))
+        self._push(EngineLost(observed_at=time.time(), reason=reason))
         if sink is not None:
             self._sink = None
 

@@ -433,13 +433,14 @@ class LocalEngine(Engine):
         if duplicate:
             self._push(
                 CompileRejected(
+                    observed_at=time.time(),
                     plate_id=job.plate_id,
                     job_id=job_id,
                     error=f"duplicate compile submission id {job_id!r}",
                 )
             )
             return
-        self._push(CompileAccepted(plate_id=job.plate_id, job_id=job_id))
+        self._push(CompileAccepted(observed_at=time.time(), plate_id=job.plate_id, job_id=job_id))
         self._enqueue(work)
 
     def submit_execution_now(self, execution_id: str, job: CompileJob, artifact_id: str) -> None:
@@ -456,10 +457,19 @@ class LocalEngine(Engine):
                 "it (compile the plate on this engine first)"
             )
             self._push(
-                ExecutionRejected(plate_id=job.plate_id, execution_id=execution_id, error=error)
+                ExecutionRejected(
+                    observed_at=time.time(),
+                    plate_id=job.plate_id,
+                    execution_id=execution_id,
+                    error=error,
+                )
             )
             return
-        self._push(ExecutionAccepted(plate_id=job.plate_id, execution_id=execution_id))
+        self._push(
+            ExecutionAccepted(
+                observed_at=time.time(), plate_id=job.plate_id, execution_id=execution_id
+            )
+        )
         self._enqueue(
             _Work(
                 phase="execute",
@@ -499,14 +509,28 @@ class LocalEngine(Engine):
                 if work.terminal is not None:
                     facts.append(_fresh(work.terminal))
                 elif work.phase == "compile":
-                    facts.append(CompileAccepted(plate_id=work.plate_id, job_id=work.submission_id))
+                    facts.append(
+                        CompileAccepted(
+                            observed_at=time.time(),
+                            plate_id=work.plate_id,
+                            job_id=work.submission_id,
+                        )
+                    )
                 elif work.started:
                     facts.append(
-                        ExecutionStarted(plate_id=work.plate_id, execution_id=work.submission_id)
+                        ExecutionStarted(
+                            observed_at=time.time(),
+                            plate_id=work.plate_id,
+                            execution_id=work.submission_id,
+                        )
                     )
                 else:
                     facts.append(
-                        ExecutionAccepted(plate_id=work.plate_id, execution_id=work.submission_id)
+                        ExecutionAccepted(
+                            observed_at=time.time(),
+                            plate_id=work.plate_id,
+                            execution_id=work.submission_id,
+                        )
                     )
         return facts
 
@@ -617,14 +641,24 @@ class LocalEngine(Engine):
     @staticmethod
     def _cancelled(work: _Work) -> Fact:
         if work.phase == "compile":
-            return CompileCancelled(plate_id=work.plate_id, job_id=work.submission_id)
-        return ExecutionCancelled(plate_id=work.plate_id, execution_id=work.submission_id)
+            return CompileCancelled(
+                observed_at=time.time(), plate_id=work.plate_id, job_id=work.submission_id
+            )
+        return ExecutionCancelled(
+            observed_at=time.time(), plate_id=work.plate_id, execution_id=work.submission_id
+        )
 
     @staticmethod
     def _failed(work: _Work, error: str, exit_code: int | None = None) -> Fact:
         if work.phase == "compile":
-            return CompileFailed(plate_id=work.plate_id, job_id=work.submission_id, error=error)
+            return CompileFailed(
+                observed_at=time.time(),
+                plate_id=work.plate_id,
+                job_id=work.submission_id,
+                error=error,
+            )
         return ExecutionFailed(
+            observed_at=time.time(),
             plate_id=work.plate_id,
             execution_id=work.submission_id,
             error=error,
@@ -647,7 +681,7 @@ class LocalEngine(Engine):
                 with contextlib.suppress(Exception):
                     worker.process.kill()
                     worker.process.join(5)
-            self._push(EngineLost(reason=reason))
+            self._push(EngineLost(observed_at=time.time(), reason=reason))
 
     def _watch_loop(self) -> None:
         while True:
@@ -790,11 +824,16 @@ class LocalEngine(Engine):
             if kind == "started":
                 work.started = True
                 if work.phase == "execute":
-                    fact = ExecutionStarted(plate_id=work.plate_id, execution_id=work.submission_id)
+                    fact = ExecutionStarted(
+                        observed_at=time.time(),
+                        plate_id=work.plate_id,
+                        execution_id=work.submission_id,
+                    )
             elif kind == "progress":
                 if work.phase == "execute":
                     try:
                         fact = ExecutionProgress(
+                            observed_at=time.time(),
                             plate_id=work.plate_id,
                             execution_id=work.submission_id,
                             done=message["done"],
@@ -807,10 +846,14 @@ class LocalEngine(Engine):
                 artifact_id = str(message["artifact_id"])
                 self._artifacts[artifact_id] = work.spec_json
                 fact = CompileSucceeded(
-                    plate_id=work.plate_id, job_id=work.submission_id, artifact_id=artifact_id
+                    observed_at=time.time(),
+                    plate_id=work.plate_id,
+                    job_id=work.submission_id,
+                    artifact_id=artifact_id,
                 )
             elif kind == "succeeded":
                 fact = ExecutionSucceeded(
+                    observed_at=time.time(),
                     plate_id=work.plate_id,
                     execution_id=work.submission_id,
                     result=message["result"],

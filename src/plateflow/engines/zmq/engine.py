@@ -416,6 +416,7 @@ class ZmqEngine(Engine):
         except ValidationError as exc:
             self._push(
                 CompileRejected(
+                    observed_at=time.time(),
                     plate_id=job.plate_id,
                     job_id=job_id,
                     error=f"the zmq engine cannot send this job: {_first_error(exc)}",
@@ -425,7 +426,9 @@ class ZmqEngine(Engine):
         await self._submit(
             Submission(job.plate_id, "compile", job_id),
             request,
-            lambda error: CompileRejected(plate_id=job.plate_id, job_id=job_id, error=error),
+            lambda error: CompileRejected(
+                observed_at=time.time(), plate_id=job.plate_id, job_id=job_id, error=error
+            ),
         )
 
     async def submit_execution(self, execution_id: str, job: CompileJob, artifact_id: str) -> None:
@@ -438,6 +441,7 @@ class ZmqEngine(Engine):
         except ValidationError as exc:
             self._push(
                 ExecutionRejected(
+                    observed_at=time.time(),
                     plate_id=job.plate_id,
                     execution_id=execution_id,
                     error=f"the zmq engine cannot send this execution: {_first_error(exc)}",
@@ -448,7 +452,10 @@ class ZmqEngine(Engine):
             Submission(job.plate_id, "execute", execution_id),
             request,
             lambda error: ExecutionRejected(
-                plate_id=job.plate_id, execution_id=execution_id, error=error
+                observed_at=time.time(),
+                plate_id=job.plate_id,
+                execution_id=execution_id,
+                error=error,
             ),
         )
 
@@ -459,12 +466,18 @@ class ZmqEngine(Engine):
         if held is not None:  # never sent: cancelled here, at once
             if submission.phase == "compile":
                 self._push(
-                    CompileCancelled(plate_id=submission.plate_id, job_id=submission.submission_id)
+                    CompileCancelled(
+                        observed_at=time.time(),
+                        plate_id=submission.plate_id,
+                        job_id=submission.submission_id,
+                    )
                 )
             else:
                 self._push(
                     ExecutionCancelled(
-                        plate_id=submission.plate_id, execution_id=submission.submission_id
+                        observed_at=time.time(),
+                        plate_id=submission.plate_id,
+                        execution_id=submission.submission_id,
                     )
                 )
             return
@@ -1102,7 +1115,7 @@ class ZmqEngine(Engine):
             self._broken = reason
         _log.error("zmq engine lost: %s", reason)
         self._fail_all(EngineError(f"the zmq server is lost: {reason}"))
-        self._push(EngineLost(reason=f"zmq: {reason}"), force=True)
+        self._push(EngineLost(observed_at=time.time(), reason=f"zmq: {reason}"), force=True)
 
     def _fail_all(self, error: EngineError) -> None:
         pending, self._pending = self._pending, {}
