@@ -111,7 +111,6 @@ from plateflow.core import (
     CompileAccepted,
     CompileSucceeded,
     ExecutionAccepted,
-    ExecutionProgress,
     ExecutionStarted,
     ExecutionSucceeded,
     Fact,
@@ -458,8 +457,8 @@ class StampingEngine(Engine):
 class InstantEngine(Engine):
     """No server, no processes: every submission's facts are pushed at once, in order.
 
-    The same six facts per plate as the real server sends for a one-step pipeline
-    (compile: accepted, succeeded; execute: accepted, started, progress, succeeded), so a
+    The same five facts per plate as the real server sends for a one-step pipeline
+    (compile: accepted, succeeded; execute: accepted, started, succeeded), so a
     batch on it costs what the service, the core and the host cost, and nothing else.
     """
 
@@ -489,9 +488,6 @@ class InstantEngine(Engine):
         now = time.time()
         sink(ExecutionAccepted(plate_id=pid, execution_id=xid, observed_at=now))
         sink(ExecutionStarted(plate_id=pid, execution_id=xid, observed_at=now))
-        sink(
-            ExecutionProgress(plate_id=pid, execution_id=xid, done=100, total=100, observed_at=now)
-        )
         result: dict[str, JsonValue] = {"plate": pid, "t": now}
         sink(ExecutionSucceeded(plate_id=pid, execution_id=xid, result=result, observed_at=now))
 

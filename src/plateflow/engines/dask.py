@@ -221,6 +221,8 @@ def _execute_task(compiled: CompiledPipeline, run: _Run) -> dict[str, JsonValue]
 
     def report(done: int, total: int, message: str) -> None:
         nonlocal last_sent, last_message
+        if done >= total:
+            return  # the last step's completion: the result, right after, says as much
         now = time.monotonic()
         with lock:
             # The scheduler forwards every event it gets: repeats of one message are

@@ -20,7 +20,8 @@ order: Accepted, Started, Progress..., then exactly one terminal fact.
 
 A worker talks to the watcher over one pipe with small JSON messages (never
 pickle): the watcher sends ``job`` messages, each with a fresh job number;
-the worker answers ``started``, ``progress``, then one of ``compiled``,
+the worker answers ``started``, ``progress`` (all but the last step's
+completion, which the result implies), then one of ``compiled``,
 ``succeeded``, ``failed``, ``cancelled``, all carrying that number, so a late
 report about an earlier job is recognised and dropped. The *first* terminal
 report wins. A worker that exits while it holds a submission crashed: that
@@ -219,6 +220,11 @@ def _cancel_check(cancel_flag: Any, n: int) -> Callable[[], bool]:
 
 def _reporter(conn: Connection, n: int) -> Callable[[int, int, str], None]:
     def report(done: int, total: int, message: str) -> None:
+        if done >= total:
+            # Only the runner's report after the last step gets here (a step's own
+            # reports stop short of its share's end), right before the result, which
+            # says as much: one message and one fact per plate fewer.
+            return
         _send(conn, {"t": "progress", "n": n, "done": done, "total": total, "message": message})
 
     return report
