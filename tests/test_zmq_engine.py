@@ -976,6 +976,45 @@ def test_a_sequence_gap_triggers_one_status_request_whose_facts_reach_the_sink(
     assert not facts.lost()
 
 
+def test_an_accepted_or_started_fact_that_repeats_the_last_one_is_not_passed_on(
+    rdir: Path,
+) -> None:
+    """Seen in the demo's journal: a submission sent just before the first event was
+    reconciled, and its 'accepted' answer journaled as a duplicate of the event."""
+
+    async def body(fake: FakeServer, engine: ZmqEngine, facts: Facts) -> None:
+        await first_event(engine)
+        await engine.submit_execution("x", JOB, "artifact")
+        await engine.submit_execution("y", JOB, "artifact")
+        fake.publish(ExecutionStarted(plate_id="p", execution_id="x"))
+        fake.publish(ExecutionAccepted(plate_id="q", execution_id="y"))
+        await facts.wait("y", ExecutionAccepted)
+        fake.status_facts["x"] = ExecutionStarted(plate_id="p", execution_id="x")  # the same
+        fake.status_facts["y"] = ExecutionStarted(plate_id="q", execution_id="y")  # news
+        fake.publish(ExecutionAccepted(plate_id="z", execution_id="z"), skip=2)
+        await facts.wait("y", ExecutionStarted)
+        stats = engine.statistics()
+        assert (stats.gaps, stats.reconciliations) == (1, 1)
+        assert (stats.reconciled_facts, stats.repeats) == (1, 1)
+        # The other order: the answer first, then the event (replies are read first).
+        fake.status_facts["y"] = ExecutionStarted(plate_id="q", execution_id="y")
+        await engine.submit_execution("w", JOB, "artifact")
+        fake.status_facts["w"] = ExecutionAccepted(plate_id="r", execution_id="w")
+        fake.publish(ExecutionAccepted(plate_id="z", execution_id="z"), skip=2)
+        await facts.wait("w", ExecutionAccepted)
+        fake.publish(ExecutionAccepted(plate_id="r", execution_id="w"))
+        fake.publish(ExecutionProgress(plate_id="r", execution_id="w", done=1, total=2))
+        fake.publish(ExecutionProgress(plate_id="r", execution_id="w", done=1, total=2))
+        await until(lambda: len(facts.of("w")) == 3, "both progress facts")
+        assert engine.statistics().repeats == 4  # x; x and y again in the second answer; w
+
+    facts = fake_run(rdir, body)
+    assert facts.kinds("x") == ["execution_started"]
+    assert facts.kinds("y") == ["execution_accepted", "execution_started"]
+    # Progress facts carry news even when they look alike: never dropped here.
+    assert facts.kinds("w") == ["execution_accepted", "execution_progress", "execution_progress"]
+
+
 def test_a_replaced_server_is_reconciled_and_lost_only_if_it_forgot_our_work(
     rdir: Path,
 ) -> None:

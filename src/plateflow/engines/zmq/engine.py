@@ -154,6 +154,8 @@ _TERMINAL: Final = (
     ExecutionCancelled,
 )
 
+_REPEATABLE: Final = frozenset({"compile_accepted", "execution_accepted", "execution_started"})
+"""Kinds that carry nothing but the state: heard twice in a row, the second says nothing."""
 _Key = tuple[str, str]
 """(phase, submission id)."""
 _Done = Callable[[Reply | EngineError], None]
@@ -174,6 +176,10 @@ class ZmqEngineStatistics:
     server_changes: int
     reconciliations: int
     reconciled_facts: int
+    repeats: int
+    """Facts not passed on because they repeated the last fact about their submission
+    (an accepted or started fact heard both as an event and in a status answer):
+    the batch would only journal them as duplicates."""
     requests: int
     timeouts: int
     malformed: int
@@ -200,6 +206,7 @@ class _Counters:
     server_changes: int = 0
     reconciliations: int = 0
     reconciled_facts: int = 0
+    repeats: int = 0
     requests: int = 0
     timeouts: int = 0
     malformed: int = 0
@@ -342,6 +349,8 @@ class ZmqEngine(Engine):
         self._reconciling = False
         self._reconcile_again = False
         self._replaced_from: str | None = None
+        self._last_kind: dict[_Key, str] = {}
+        """The kind of the last fact delivered about each outstanding submission."""
 
     # --- the Engine interface ------------------------------------------------------------
 
@@ -582,6 +591,7 @@ class ZmqEngine(Engine):
             server_changes=c.server_changes,
             reconciliations=c.reconciliations,
             reconciled_facts=c.reconciled_facts,
+            repeats=c.repeats,
             requests=c.requests,
             timeouts=c.timeouts,
             malformed=c.malformed,
@@ -979,9 +989,21 @@ class ZmqEngine(Engine):
         if reconcile:
             self._reconcile(replaced_from)
 
-    def _deliver(self, fact: Fact) -> None:
+    def _deliver(self, fact: Fact) -> bool:
+        """Pass a fact on (I/O thread); False when it only repeated the last one."""
+        key = _key_of(fact)
+        if key is not None:
+            if isinstance(fact, _TERMINAL):
+                self._last_kind.pop(key, None)
+            elif fact.kind in _REPEATABLE:
+                if self._last_kind.get(key) == fact.kind:
+                    self._counters.repeats += 1
+                    return False
+                if key in self._outstanding:  # a racy read is fine: a miss costs a duplicate
+                    self._last_kind[key] = fact.kind
         self._observe((fact,))
         self._push(fact)
+        return True
 
     def _reconcile(self, replaced_from: str | None = None) -> None:
         """One status request for every outstanding submission (I/O thread only).
@@ -1036,8 +1058,8 @@ class ZmqEngine(Engine):
                 key = _key_of(fact)
                 if key is not None:
                     known.add(key)
-                self._counters.reconciled_facts += 1
-                self._deliver(fact)
+                if self._deliver(fact):
+                    self._counters.reconciled_facts += 1
         if replaced_from is not None and self._broken is None:
             if not complete:
                 self._lose(
