@@ -489,6 +489,22 @@ def test_status_without_a_server_is_a_clear_error_with_exit_2(
     assert runtime_dir.exists() is exists, "status creates nothing"
 
 
+def test_serve_refuses_a_negative_keep_finished_and_its_help_states_the_default(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from plateflow.engines.local import DEFAULT_KEEP_FINISHED
+
+    runtime_dir = tmp_path / "rt"
+    assert main(["serve", "--runtime-dir", str(runtime_dir), "--keep-finished", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err == "plateflow: error: --keep-finished must be 0 (remember all) or more, got -1\n"
+    assert not runtime_dir.exists(), "nothing was started"
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"(default {DEFAULT_KEEP_FINISHED:,};" in help_text
+
+
 def test_help_lists_every_command_without_loading_the_statecharts(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -553,10 +553,32 @@ def test_status_reconciles_every_state_in_one_query(tmp_path: Path) -> None:
         assert [_sid(f) for f in status] == [done, running, queued, "done.c"]
         assert status[0] == _restamp(pushed, status[0].stimulus_id)
         assert status[0].stimulus_id != pushed.stimulus_id
+        assert status[0].observed_at == pushed.observed_at  # when it finished, not now
         gate.touch()
         facts.terminal(queued)
 
     run(body, tmp_path, max_workers=1)
+
+
+def test_only_the_last_keep_finished_submissions_are_remembered(tmp_path: Path) -> None:
+    async def body(engine: LocalEngine, facts: Facts) -> None:
+        compile_job = job("p", spec("finish"))
+        for i in range(5):
+            await engine.submit_compile(f"p.{i}.c", compile_job)
+            facts.terminal(f"p.{i}.c")
+        asked = [Submission("p", "compile", f"p.{i}.c") for i in range(5)]
+        answered = await engine.status(asked)
+        assert [_sid(f) for f in answered] == ["p.3.c", "p.4.c"]
+        info = await engine.server_info()
+        assert (info["remembered"], info["forgotten"], info["keep_finished"]) == (2, 3, 2)
+        # A forgotten id is free again: this is a new submission, not a duplicate.
+        await engine.submit_compile("p.0.c", compile_job)
+        facts.wait_for(
+            lambda fs: sum(isinstance(f, CompileSucceeded) and _sid(f) == "p.0.c" for f in fs) == 2,
+            "the second compile of p.0.c",
+        )
+
+    run(body, tmp_path, max_workers=1, keep_finished=2)
 
 
 def test_fifo_order_and_one_thread_for_any_number_of_plates(tmp_path: Path) -> None:
@@ -611,6 +633,9 @@ def test_misuse_is_refused_clearly(tmp_path: Path) -> None:
         LocalEngine(mp_context="fork")
     with pytest.raises(ValueError, match="cancel_grace"):
         LocalEngine(cancel_grace=0)
+    for keep in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="keep_finished"):
+            LocalEngine(keep_finished=keep)  # type: ignore[arg-type]
 
     async def main() -> None:
         engine = LocalEngine(allowed_modules=ALLOWED, output_dir=str(tmp_path))

@@ -39,11 +39,13 @@ from pydantic import JsonValue
 from plateflow.core import BatchState, BatchSummary, PlateOutcome, PlateState, Reason
 from plateflow.core.facts import (
     CompileAccepted,
+    CompileFailed,
     CompileRejected,
     CompileSucceeded,
     EngineLost,
     ExecutionAccepted,
     ExecutionCancelled,
+    ExecutionFailed,
     ExecutionProgress,
     ExecutionRejected,
     ExecutionStarted,
@@ -1013,6 +1015,46 @@ def test_an_accepted_or_started_fact_that_repeats_the_last_one_is_not_passed_on(
     assert facts.kinds("y") == ["execution_accepted", "execution_started"]
     # Progress facts carry news even when they look alike: never dropped here.
     assert facts.kinds("w") == ["execution_accepted", "execution_progress", "execution_progress"]
+
+
+def test_an_accepted_submission_the_server_no_longer_knows_fails_instead_of_waiting(
+    rdir: Path,
+) -> None:
+    """A long-lived server forgets old finished submissions (--keep-finished). A client
+    that missed the terminal event must not wait for it forever."""
+
+    async def body(fake: FakeServer, engine: ZmqEngine, facts: Facts) -> None:
+        await first_event(engine)
+        await engine.submit_execution("x", JOB, "artifact")
+        await engine.submit_compile("c", JOB)
+        await engine.server_info()  # answered after both submits: both acknowledged
+        # A gap: the reconciliation's answer knows neither.
+        fake.publish(ExecutionAccepted(plate_id="z", execution_id="z"), skip=2)
+        await facts.wait("x", ExecutionFailed)
+        await facts.wait("c", CompileFailed)
+        assert engine.statistics().forgotten == 2
+        assert engine.statistics().outstanding == 0
+        # The service's status poller path says the same about a later one.
+        await engine.submit_execution("y", JOB, "artifact")
+        await engine.server_info()
+        (answer,) = await engine.status([Submission("q", "execute", "y")])
+        assert isinstance(answer, ExecutionFailed)
+        assert engine.statistics().forgotten == 3
+        # Not acknowledged yet (no reply): unknown to the server proves nothing.
+        fake.silent.add("execute")
+        await engine.submit_execution("w", JOB, "artifact")
+        await until(lambda: len(fake.requests("execute")) == 3, "the unanswered submit")
+        assert await engine.status([Submission("r", "execute", "w")]) == []
+        fake.publish(ExecutionAccepted(plate_id="z", execution_id="z"), skip=2)
+        await until(lambda: engine.statistics().reconciliations == 2, "the second reconcile")
+        await engine.server_info()  # the reconciliation's answer came before this one
+        assert facts.of("w") == []
+
+    facts = fake_run(rdir, body, request_timeout=30.0)
+    (failed,) = facts.of("x")
+    assert isinstance(failed, ExecutionFailed)
+    assert "no longer knows this submission" in failed.error
+    assert "--keep-finished" in failed.error
 
 
 def test_a_replaced_server_is_reconciled_and_lost_only_if_it_forgot_our_work(

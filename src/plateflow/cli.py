@@ -842,6 +842,7 @@ def _journal_show(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     # Imported here so that the other commands never load ZeroMQ.
+    from plateflow.engines.local import DEFAULT_KEEP_FINISHED
     from plateflow.engines.zmq.server import (
         DEFAULT_ALLOWED_MODULES,
         ExecutionServer,
@@ -849,6 +850,13 @@ def _serve(args: argparse.Namespace) -> int:
     )
 
     allowed = tuple(dict.fromkeys([*DEFAULT_ALLOWED_MODULES, *args.allow]))
+    keep_finished: int | None = DEFAULT_KEEP_FINISHED
+    if args.keep_finished is not None:
+        if args.keep_finished < 0:
+            raise UsageError(
+                f"--keep-finished must be 0 (remember all) or more, got {args.keep_finished}"
+            )
+        keep_finished = args.keep_finished or None
     server = ExecutionServer(
         args.runtime_dir,
         tcp_port=args.tcp_port,
@@ -856,6 +864,7 @@ def _serve(args: argparse.Namespace) -> int:
         allowed_modules=allowed,
         output_dir=args.output_dir,
         heartbeat_interval=args.heartbeat,
+        keep_finished=keep_finished,
     )
 
     def ready(record: ServerRecord) -> None:
@@ -1078,6 +1087,13 @@ def _parser() -> argparse.ArgumentParser:
         default=0.5,
         metavar="SECONDS",
         help="heartbeat interval (default 0.5)",
+    )
+    serve.add_argument(
+        "--keep-finished",
+        type=int,
+        metavar="N",
+        help="finished submissions remembered for status answers; older ones are "
+        "forgotten (default 100,000; 0: all, and memory grows without bound)",
     )
     serve.set_defaults(run=_serve)
 

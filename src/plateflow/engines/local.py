@@ -104,6 +104,8 @@ _DEFAULT_CONTEXT: Final = (
     "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 )
 _PRELOAD: Final = ["plateflow.engines.local"]
+DEFAULT_KEEP_FINISHED: Final = 100_000
+"""Finished submissions a :class:`LocalEngine` remembers for status answers, by default."""
 _COMPILED_CACHE: Final = 32
 """Compiled pipelines a worker keeps, by spec: a batch usually has one."""
 
@@ -310,6 +312,13 @@ class LocalEngine(Engine):
     seconds to stop by itself (its worker is then reused) before its worker is
     terminated, then as long again before it is killed. ``mp_context`` is
     ``"forkserver"`` (default where available) or ``"spawn"``.
+
+    A finished submission is remembered, to answer ``status`` with its terminal
+    fact again, until ``keep_finished`` newer ones have finished (default
+    :data:`DEFAULT_KEEP_FINISHED`, about 2 KB each for a small result; None:
+    for as long as the engine runs). A long-lived server's memory stays bounded
+    by it; a forgotten submission is unknown to ``status``, and its id may be
+    submitted again.
     """
 
     name = "local"
@@ -323,6 +332,7 @@ class LocalEngine(Engine):
         cancel_grace: float = 2.0,
         mp_context: str = _DEFAULT_CONTEXT,
         max_jobs_per_worker: int | None = None,
+        keep_finished: int | None = DEFAULT_KEEP_FINISHED,
     ) -> None:
         workers = (os.cpu_count() or 1) if max_workers is None else max_workers
         if workers < 1:
@@ -331,6 +341,8 @@ class LocalEngine(Engine):
             raise ValueError(
                 f"max_jobs_per_worker must be at least 1 (or None), got {max_jobs_per_worker}"
             )
+        if keep_finished is not None and (type(keep_finished) is not int or keep_finished < 1):
+            raise ValueError(f"keep_finished must be at least 1 (or None), got {keep_finished!r}")
         if not cancel_grace > 0:
             raise ValueError(
                 f"cancel_grace must be a positive number of seconds, got {cancel_grace}"
@@ -363,6 +375,10 @@ class LocalEngine(Engine):
         """Worker processes being started (outside the lock)."""
         self._job_numbers = itertools.count(1)
         self._artifacts: dict[str, str] = {}
+        self._keep_finished = keep_finished
+        self._finished: deque[tuple[_Phase, str]] = deque()
+        """Finished submissions, oldest first (only with ``keep_finished``)."""
+        self._forgotten = 0
         """Compiled pipelines by fingerprint: the spec as JSON."""
 
         self._sink: FactSink | None = None
@@ -497,6 +513,7 @@ class LocalEngine(Engine):
                 self._queue.remove(work)
                 work.state = "finished"
                 fact = work.terminal = self._cancelled(work)
+                self._remember(work)
             else:
                 self._stop(work)
         if fact is not None:
@@ -563,6 +580,9 @@ class LocalEngine(Engine):
                 "running": len(running),
                 "queued": len(self._queue),
                 "artifacts": len(self._artifacts),
+                "remembered": len(self._works),
+                "keep_finished": self._keep_finished,
+                "forgotten": self._forgotten,
                 "output_dir": self._output_dir,
                 "running_submissions": running,
                 "closed": self._closed,
@@ -671,6 +691,20 @@ class LocalEngine(Engine):
             exit_code=exit_code,
         )
 
+    def _remember(self, work: _Work) -> None:
+        """Under the lock: ``work`` just finished; forget the oldest beyond ``keep_finished``."""
+        keep = self._keep_finished
+        if keep is None:
+            return
+        finished = self._finished
+        finished.append((work.phase, work.submission_id))
+        while len(finished) > keep:
+            key = finished.popleft()
+            old = self._works.get(key)
+            if old is not None and old.terminal is not None:
+                del self._works[key]
+                self._forgotten += 1
+
     # --- the watcher thread ------------------------------------------------------
 
     def _watch(self) -> None:
@@ -761,6 +795,7 @@ class LocalEngine(Engine):
                 if work is not None:
                     work.state = "finished"
                     work.terminal = self._failed(work, error)
+                    self._remember(work)
             if work is not None and work.terminal is not None:
                 self._push(work.terminal)
             return
@@ -877,6 +912,7 @@ class LocalEngine(Engine):
             if fact is not None and kind not in ("started", "progress"):
                 work.terminal = fact
                 work.state = "finished"
+                self._remember(work)
                 work.worker = None
                 worker.work = None
                 if worker.escalation == 0:
@@ -912,6 +948,7 @@ class LocalEngine(Engine):
                     fact = self._failed(work, _crash_message(exit_code), exit_code)
                 work.terminal = fact
                 work.state = "finished"
+                self._remember(work)
                 work.worker = None
         if fact is not None:
             self._push(fact)

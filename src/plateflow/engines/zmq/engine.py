@@ -176,6 +176,8 @@ class ZmqEngineStatistics:
     server_changes: int
     reconciliations: int
     reconciled_facts: int
+    forgotten: int
+    """Acknowledged submissions a status answer no longer knew: failed by this client."""
     repeats: int
     """Facts not passed on because they repeated the last fact about their submission
     (an accepted or started fact heard both as an event and in a status answer):
@@ -207,6 +209,7 @@ class _Counters:
     reconciliations: int = 0
     reconciled_facts: int = 0
     repeats: int = 0
+    forgotten: int = 0
     requests: int = 0
     timeouts: int = 0
     malformed: int = 0
@@ -351,6 +354,11 @@ class ZmqEngine(Engine):
         self._replaced_from: str | None = None
         self._last_kind: dict[_Key, str] = {}
         """The kind of the last fact delivered about each outstanding submission."""
+        self._acked: dict[_Key, int] = {}
+        """Outstanding submissions the server acknowledged, numbered in that order."""
+        self._acks = 0
+        """How many acknowledgements so far: a status request sent when it was ``n``
+        comes after every submission numbered up to ``n`` reached the server."""
 
     # --- the Engine interface ------------------------------------------------------------
 
@@ -505,11 +513,17 @@ class ZmqEngine(Engine):
         facts: list[Fact] = []
         for chunk in self._chunks(submissions):
             request = StatusRequest(id=self._new_id(), submissions=chunk)
+            mark = self._acks
             reply = await self._call(request, f"status of {len(chunk)} submissions")
             if not reply.ok:
                 raise EngineError(f"the zmq server refused a status request: {reply.error}")
+            known = {key for fact in reply.facts if (key := _key_of(fact)) is not None}
+            asked = [Submission(s.plate_id, s.phase, s.submission_id) for s in chunk]
+            lost = self._forgotten(asked, known, mark)
             self._observe(reply.facts)
+            self._observe(lost)
             facts.extend(reply.facts)
+            facts.extend(lost)
         return facts
 
     async def server_info(self) -> dict[str, JsonValue]:
@@ -592,6 +606,7 @@ class ZmqEngine(Engine):
             reconciliations=c.reconciliations,
             reconciled_facts=c.reconciled_facts,
             repeats=c.repeats,
+            forgotten=c.forgotten,
             requests=c.requests,
             timeouts=c.timeouts,
             malformed=c.malformed,
@@ -1028,11 +1043,12 @@ class ZmqEngine(Engine):
         self._reconciling = True
         chunks = self._chunks(submissions)
         answers: list[Reply | EngineError] = []
+        mark = self._acks
 
         def done(result: Reply | EngineError) -> None:
             answers.append(result)
             if len(answers) == len(chunks):
-                self._reconciled(submissions, answers, replaced)
+                self._reconciled(submissions, answers, replaced, mark)
 
         for chunk in chunks:
             rid = self._new_id()
@@ -1044,6 +1060,7 @@ class ZmqEngine(Engine):
         submissions: list[Submission],
         answers: list[Reply | EngineError],
         replaced_from: str | None,
+        mark: int,
     ) -> None:
         self._reconciling = False
         known: set[_Key] = set()
@@ -1060,6 +1077,9 @@ class ZmqEngine(Engine):
                     known.add(key)
                 if self._deliver(fact):
                     self._counters.reconciled_facts += 1
+        if complete and replaced_from is None:
+            for fact in self._forgotten(submissions, known, mark):
+                self._deliver(fact)
         if replaced_from is not None and self._broken is None:
             if not complete:
                 self._lose(
@@ -1084,6 +1104,48 @@ class ZmqEngine(Engine):
         if self._reconcile_again:
             self._reconcile_again = False
             self._reconcile()
+
+    def _forgotten(self, asked: Sequence[Submission], known: set[_Key], mark: int) -> list[Fact]:
+        """Failed facts for acknowledged submissions a status answer did not know.
+
+        Requests on one socket are handled in order, so a submission acknowledged
+        before the status request went out (number <= ``mark``) had reached the
+        server: if the answer does not know it, the server was restarted or has
+        forgotten it after it finished (``plateflow serve --keep-finished``).
+        Either way its result is gone, and waiting for it would never end.
+        """
+        facts: list[Fact] = []
+        for submission in asked:
+            key = (submission.phase, submission.submission_id)
+            number = self._acked.get(key)
+            if number is None or number > mark or key in known:
+                continue
+            self._counters.forgotten += 1
+            error = (
+                "the zmq server no longer knows this submission, which it had accepted: it "
+                "was restarted, or it forgot the submission after it finished (a server "
+                "remembers a bounded number of finished submissions: plateflow serve "
+                "--keep-finished); its result is lost"
+            )
+            if submission.phase == "compile":
+                facts.append(
+                    CompileFailed(
+                        observed_at=time.time(),
+                        plate_id=submission.plate_id,
+                        job_id=submission.submission_id,
+                        error=error,
+                    )
+                )
+            else:
+                facts.append(
+                    ExecutionFailed(
+                        observed_at=time.time(),
+                        plate_id=submission.plate_id,
+                        execution_id=submission.submission_id,
+                        error=error,
+                    )
+                )
+        return facts
 
     def _next_deadline(self) -> float:
         """The earliest deadline of a request still waiting (inf if none); drops stale ones."""
@@ -1217,9 +1279,13 @@ class ZmqEngine(Engine):
         key = (submission.phase, submission.submission_id)
 
         def answered(result: Reply | EngineError) -> None:
-            """On the I/O thread: an accepted submission needs nothing; a refused one is
-            rejected (after the server is lost, _push drops it: EngineLost says it all)."""
+            """On the I/O thread: an accepted submission is noted as acknowledged; a
+            refused one is rejected (after the server is lost, _push drops it:
+            EngineLost says it all)."""
             if isinstance(result, Reply) and result.ok:
+                if key in self._outstanding:  # not finished already (events may be first)
+                    self._acks += 1
+                    self._acked[key] = self._acks
                 return
             with self._lock:
                 self._outstanding.pop(key, None)
@@ -1338,6 +1404,7 @@ class ZmqEngine(Engine):
             with self._lock:
                 for key in done:
                     self._outstanding.pop(key, None)
+                    self._acked.pop(key, None)
                 room = bool(self._held)
             if room:
                 self._release()

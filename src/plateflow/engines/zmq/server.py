@@ -54,7 +54,7 @@ from pydantic import JsonValue
 from plateflow.core.facts import Fact
 from plateflow.engines._wakeup import WakePipe
 from plateflow.engines.base import EngineError, Submission
-from plateflow.engines.local import LocalEngine
+from plateflow.engines.local import DEFAULT_KEEP_FINISHED, LocalEngine
 from plateflow.engines.zmq import rundir
 from plateflow.engines.zmq.rundir import ServerRecord
 from plateflow.engines.zmq.wire import (
@@ -114,8 +114,8 @@ class ExecutionServer:
     127.0.0.1 only: control on ``tcp_port`` and events on ``tcp_port + 1``, or
     both on ports the OS picks when ``tcp_port`` is 0. The runtime dir holds
     ``server.lock`` (one live server per dir), ``token`` and ``server.json``
-    either way. ``max_workers``, ``allowed_modules``, ``output_dir`` and
-    ``cancel_grace`` go to the :class:`LocalEngine`. A heartbeat is published
+    either way. ``max_workers``, ``allowed_modules``, ``output_dir``,
+    ``cancel_grace`` and ``keep_finished`` go to the :class:`LocalEngine`. A heartbeat is published
     every ``heartbeat_interval`` seconds.
     """
 
@@ -130,6 +130,7 @@ class ExecutionServer:
         heartbeat_interval: float = 0.5,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         cancel_grace: float = 2.0,
+        keep_finished: int | None = DEFAULT_KEEP_FINISHED,
     ) -> None:
         if tcp_port is not None and not 0 <= tcp_port <= 65534:
             raise UsageError(f"tcp_port must be within 0..65534, got {tcp_port}")
@@ -141,6 +142,8 @@ class ExecutionServer:
             )
         if max_message_bytes < 1024:
             raise UsageError(f"max_message_bytes must be at least 1024, got {max_message_bytes}")
+        if keep_finished is not None and keep_finished < 1:
+            raise UsageError(f"keep_finished must be at least 1 (or None), got {keep_finished}")
         if not (math.isfinite(cancel_grace) and cancel_grace > 0):
             raise UsageError(
                 f"cancel_grace must be a positive number of seconds, got {cancel_grace}"
@@ -153,6 +156,7 @@ class ExecutionServer:
         self._heartbeat_interval = float(heartbeat_interval)
         self._max_message_bytes = int(max_message_bytes)
         self._cancel_grace = float(cancel_grace)
+        self._keep_finished = keep_finished
 
         self.server_id = uuid.uuid4().hex
         """New on every start (every :class:`ExecutionServer`); clients see a restart by it."""
@@ -229,6 +233,7 @@ class ExecutionServer:
                 allowed_modules=self._allowed_modules,
                 output_dir=self._output_dir,
                 cancel_grace=self._cancel_grace,
+                keep_finished=self._keep_finished,
             )
             self._await(engine.start(self._sink))
             self._engine = engine
