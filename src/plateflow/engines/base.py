@@ -16,6 +16,7 @@ engine. Third-party exceptions are translated at this boundary into
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,11 +24,17 @@ from typing import Literal
 
 from pydantic import JsonValue
 
-from plateflow.core.facts import Fact
+from plateflow.core.facts import (
+    CompileCancelled,
+    CompileFailed,
+    ExecutionCancelled,
+    ExecutionFailed,
+    Fact,
+)
 from plateflow.errors import PlateflowError
 from plateflow.jobs import CompileJob
 
-__all__ = ["Engine", "EngineError", "FactSink", "Submission"]
+__all__ = ["Engine", "EngineError", "FactSink", "Submission", "cancelled_fact", "failed_fact"]
 
 FactSink = Callable[[Fact], None]
 """Where an engine pushes facts. Thread-safe; never blocks; never raises."""
@@ -44,6 +51,28 @@ class Submission:
     plate_id: str
     phase: Literal["compile", "execute"]
     submission_id: str
+
+
+def cancelled_fact(submission: Submission) -> Fact:
+    """The submission's ``*Cancelled`` fact, stamped now."""
+    plate_id, sid = submission.plate_id, submission.submission_id
+    if submission.phase == "compile":
+        return CompileCancelled(observed_at=time.time(), plate_id=plate_id, job_id=sid)
+    return ExecutionCancelled(observed_at=time.time(), plate_id=plate_id, execution_id=sid)
+
+
+def failed_fact(submission: Submission, error: str, exit_code: int | None = None) -> Fact:
+    """The submission's ``*Failed`` fact, stamped now (``exit_code`` only for executions)."""
+    plate_id, sid = submission.plate_id, submission.submission_id
+    if submission.phase == "compile":
+        return CompileFailed(observed_at=time.time(), plate_id=plate_id, job_id=sid, error=error)
+    return ExecutionFailed(
+        observed_at=time.time(),
+        plate_id=plate_id,
+        execution_id=sid,
+        error=error,
+        exit_code=exit_code,
+    )
 
 
 class Engine(ABC):

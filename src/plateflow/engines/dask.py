@@ -73,21 +73,24 @@ from pydantic import JsonValue
 
 from plateflow.core.facts import (
     CompileAccepted,
-    CompileCancelled,
-    CompileFailed,
     CompileRejected,
     CompileSucceeded,
     EngineLost,
     ExecutionAccepted,
-    ExecutionCancelled,
-    ExecutionFailed,
     ExecutionProgress,
     ExecutionRejected,
     ExecutionStarted,
     ExecutionSucceeded,
     Fact,
 )
-from plateflow.engines.base import Engine, EngineError, FactSink, Submission
+from plateflow.engines.base import (
+    Engine,
+    EngineError,
+    FactSink,
+    Submission,
+    cancelled_fact,
+    failed_fact,
+)
 from plateflow.jobs import CompileJob
 from plateflow.pipeline.run import (
     DEFAULT_ALLOWED_MODULES,
@@ -771,29 +774,11 @@ class DaskEngine(Engine):
 
     @staticmethod
     def _cancelled(work: _Work) -> Fact:
-        if work.phase == "compile":
-            return CompileCancelled(
-                observed_at=time.time(), plate_id=work.plate_id, job_id=work.submission_id
-            )
-        return ExecutionCancelled(
-            observed_at=time.time(), plate_id=work.plate_id, execution_id=work.submission_id
-        )
+        return cancelled_fact(Submission(work.plate_id, work.phase, work.submission_id))
 
     @staticmethod
     def _failed(work: _Work, error: str) -> Fact:
-        if work.phase == "compile":
-            return CompileFailed(
-                observed_at=time.time(),
-                plate_id=work.plate_id,
-                job_id=work.submission_id,
-                error=error,
-            )
-        return ExecutionFailed(
-            observed_at=time.time(),
-            plate_id=work.plate_id,
-            execution_id=work.submission_id,
-            error=error,
-        )
+        return failed_fact(Submission(work.plate_id, work.phase, work.submission_id), error)
 
     # --- Dask callbacks ------------------------------------------------------------------------
 

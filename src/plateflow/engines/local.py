@@ -67,14 +67,10 @@ from pydantic import JsonValue
 
 from plateflow.core.facts import (
     CompileAccepted,
-    CompileCancelled,
-    CompileFailed,
     CompileRejected,
     CompileSucceeded,
     EngineLost,
     ExecutionAccepted,
-    ExecutionCancelled,
-    ExecutionFailed,
     ExecutionProgress,
     ExecutionRejected,
     ExecutionStarted,
@@ -82,7 +78,14 @@ from plateflow.core.facts import (
     Fact,
 )
 from plateflow.engines._wakeup import WakePipe
-from plateflow.engines.base import Engine, EngineError, FactSink, Submission
+from plateflow.engines.base import (
+    Engine,
+    EngineError,
+    FactSink,
+    Submission,
+    cancelled_fact,
+    failed_fact,
+)
 from plateflow.jobs import CompileJob
 from plateflow.pipeline.run import (
     DEFAULT_ALLOWED_MODULES,
@@ -666,30 +669,12 @@ class LocalEngine(Engine):
 
     @staticmethod
     def _cancelled(work: _Work) -> Fact:
-        if work.phase == "compile":
-            return CompileCancelled(
-                observed_at=time.time(), plate_id=work.plate_id, job_id=work.submission_id
-            )
-        return ExecutionCancelled(
-            observed_at=time.time(), plate_id=work.plate_id, execution_id=work.submission_id
-        )
+        return cancelled_fact(Submission(work.plate_id, work.phase, work.submission_id))
 
     @staticmethod
     def _failed(work: _Work, error: str, exit_code: int | None = None) -> Fact:
-        if work.phase == "compile":
-            return CompileFailed(
-                observed_at=time.time(),
-                plate_id=work.plate_id,
-                job_id=work.submission_id,
-                error=error,
-            )
-        return ExecutionFailed(
-            observed_at=time.time(),
-            plate_id=work.plate_id,
-            execution_id=work.submission_id,
-            error=error,
-            exit_code=exit_code,
-        )
+        submission = Submission(work.plate_id, work.phase, work.submission_id)
+        return failed_fact(submission, error, exit_code)
 
     def _remember(self, work: _Work) -> None:
         """Under the lock: ``work`` just finished; forget the oldest beyond ``keep_finished``."""

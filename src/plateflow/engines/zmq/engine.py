@@ -82,7 +82,14 @@ from plateflow.core.facts import (
     ExecutionSucceeded,
     Fact,
 )
-from plateflow.engines.base import Engine, EngineError, FactSink, Submission
+from plateflow.engines.base import (
+    Engine,
+    EngineError,
+    FactSink,
+    Submission,
+    cancelled_fact,
+    failed_fact,
+)
 from plateflow.engines.zmq import rundir
 from plateflow.engines.zmq.rundir import ServerRecord
 from plateflow.engines.zmq.wire import (
@@ -158,6 +165,12 @@ _REPEATABLE: Final = frozenset({"compile_accepted", "execution_accepted", "execu
 """Kinds that carry nothing but the state: heard twice in a row, the second says nothing."""
 _Key = tuple[str, str]
 """(phase, submission id)."""
+_FORGOTTEN: Final = (
+    "the zmq server no longer knows this submission, which it had accepted: it was "
+    "restarted, or it forgot the submission after it finished (a server remembers a "
+    "bounded number of finished submissions: plateflow serve --keep-finished); its "
+    "result is lost"
+)
 _Done = Callable[[Reply | EngineError], None]
 
 
@@ -481,22 +494,7 @@ class ZmqEngine(Engine):
         with self._lock:
             held = self._held.pop((submission.phase, submission.submission_id), None)
         if held is not None:  # never sent: cancelled here, at once
-            if submission.phase == "compile":
-                self._push(
-                    CompileCancelled(
-                        observed_at=time.time(),
-                        plate_id=submission.plate_id,
-                        job_id=submission.submission_id,
-                    )
-                )
-            else:
-                self._push(
-                    ExecutionCancelled(
-                        observed_at=time.time(),
-                        plate_id=submission.plate_id,
-                        execution_id=submission.submission_id,
-                    )
-                )
+            self._push(cancelled_fact(submission))
             return
         try:
             request = CancelRequest(id=self._new_id(), submission=self._wire(submission))
@@ -1121,30 +1119,7 @@ class ZmqEngine(Engine):
             if number is None or number > mark or key in known:
                 continue
             self._counters.forgotten += 1
-            error = (
-                "the zmq server no longer knows this submission, which it had accepted: it "
-                "was restarted, or it forgot the submission after it finished (a server "
-                "remembers a bounded number of finished submissions: plateflow serve "
-                "--keep-finished); its result is lost"
-            )
-            if submission.phase == "compile":
-                facts.append(
-                    CompileFailed(
-                        observed_at=time.time(),
-                        plate_id=submission.plate_id,
-                        job_id=submission.submission_id,
-                        error=error,
-                    )
-                )
-            else:
-                facts.append(
-                    ExecutionFailed(
-                        observed_at=time.time(),
-                        plate_id=submission.plate_id,
-                        execution_id=submission.submission_id,
-                        error=error,
-                    )
-                )
+            facts.append(failed_fact(submission, _FORGOTTEN))
         return facts
 
     def _next_deadline(self) -> float:
