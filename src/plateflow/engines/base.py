@@ -16,6 +16,7 @@ engine. Third-party exceptions are translated at this boundary into
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -25,16 +26,27 @@ from typing import Literal
 from pydantic import JsonValue
 
 from plateflow.core.facts import (
+    CompileAccepted,
     CompileCancelled,
     CompileFailed,
+    ExecutionAccepted,
     ExecutionCancelled,
     ExecutionFailed,
+    ExecutionStarted,
     Fact,
 )
 from plateflow.errors import PlateflowError
 from plateflow.jobs import CompileJob
 
-__all__ = ["Engine", "EngineError", "FactSink", "Submission", "cancelled_fact", "failed_fact"]
+__all__ = [
+    "Engine",
+    "EngineError",
+    "FactSink",
+    "Submission",
+    "cancelled_fact",
+    "failed_fact",
+    "status_fact",
+]
 
 FactSink = Callable[[Fact], None]
 """Where an engine pushes facts. Thread-safe; never blocks; never raises."""
@@ -51,6 +63,25 @@ class Submission:
     plate_id: str
     phase: Literal["compile", "execute"]
     submission_id: str
+
+
+def status_fact(submission: Submission, *, terminal: Fact | None, started: bool) -> Fact:
+    """Where a submission is now, as a status answer says it.
+
+    Its terminal fact again once it has one (a new stimulus id, the first
+    ``observed_at``: a status answer is a new report of an old event);
+    otherwise accepted, or started for an execution a worker has picked up.
+    """
+    if terminal is not None:
+        values = {f.name: getattr(terminal, f.name) for f in dataclasses.fields(terminal)}
+        del values["stimulus_id"]
+        return type(terminal)(**values)
+    plate_id, sid = submission.plate_id, submission.submission_id
+    if submission.phase == "compile":
+        return CompileAccepted(observed_at=time.time(), plate_id=plate_id, job_id=sid)
+    if started:
+        return ExecutionStarted(observed_at=time.time(), plate_id=plate_id, execution_id=sid)
+    return ExecutionAccepted(observed_at=time.time(), plate_id=plate_id, execution_id=sid)
 
 
 def cancelled_fact(submission: Submission) -> Fact:

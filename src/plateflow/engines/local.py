@@ -85,6 +85,7 @@ from plateflow.engines.base import (
     Submission,
     cancelled_fact,
     failed_fact,
+    status_fact,
 )
 from plateflow.jobs import CompileJob
 from plateflow.pipeline.run import (
@@ -277,16 +278,6 @@ class _Worker:
     """When to escalate (terminate, then kill) a worker that should have stopped."""
     escalation: int = 0
     """0: asked nicely; 1: terminated; 2: killed."""
-
-
-def _fresh(fact: Fact) -> Fact:
-    """The same fact with a new stimulus id: a status answer is a new observation."""
-    values = {
-        field.name: getattr(fact, field.name)
-        for field in dataclasses.fields(cast(Any, fact))
-        if field.name != "stimulus_id"
-    }
-    return type(fact)(**values)
 
 
 def _crash_message(exit_code: int | None) -> str:
@@ -530,33 +521,9 @@ class LocalEngine(Engine):
         with self._lock:
             for submission in submissions:
                 work = self._works.get((submission.phase, submission.submission_id))
-                if work is None:
-                    continue
-                if work.terminal is not None:
-                    facts.append(_fresh(work.terminal))
-                elif work.phase == "compile":
+                if work is not None:
                     facts.append(
-                        CompileAccepted(
-                            observed_at=time.time(),
-                            plate_id=work.plate_id,
-                            job_id=work.submission_id,
-                        )
-                    )
-                elif work.started:
-                    facts.append(
-                        ExecutionStarted(
-                            observed_at=time.time(),
-                            plate_id=work.plate_id,
-                            execution_id=work.submission_id,
-                        )
-                    )
-                else:
-                    facts.append(
-                        ExecutionAccepted(
-                            observed_at=time.time(),
-                            plate_id=work.plate_id,
-                            execution_id=work.submission_id,
-                        )
+                        status_fact(submission, terminal=work.terminal, started=work.started)
                     )
         return facts
 
