@@ -554,6 +554,9 @@ def test_status_reconciles_every_state_in_one_query(tmp_path: Path) -> None:
         assert status[0] == _restamp(pushed, status[0].stimulus_id)
         assert status[0].stimulus_id != pushed.stimulus_id
         assert status[0].observed_at == pushed.observed_at  # when it finished, not now
+        # Asked under another plate's name, the answer still names the engine's plate.
+        (mislabelled,) = await engine.status([Submission("someone-else", "execute", queued)])
+        assert (type(mislabelled), mislabelled.plate_id) == (ExecutionAccepted, "queued")
         gate.touch()
         facts.terminal(queued)
 

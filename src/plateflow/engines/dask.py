@@ -539,10 +539,9 @@ class DaskEngine(Engine):
         with self._lock:
             for submission in submissions:
                 work = self._works.get((submission.phase, submission.submission_id))
-                if work is not None:
-                    facts.append(
-                        status_fact(submission, terminal=work.terminal, started=work.started)
-                    )
+                if work is not None:  # the engine's own record says which plate
+                    known = Submission(work.plate_id, work.phase, work.submission_id)
+                    facts.append(status_fact(known, terminal=work.terminal, started=work.started))
         return facts
 
     async def server_info(self) -> dict[str, JsonValue]:
