@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import cProfile
 import os
 import platform
+import pstats
+import re
 import subprocess
 import sys
 from typing import Any
@@ -60,3 +63,30 @@ def source_info(watched: str, dirty_key: str) -> dict[str, Any]:
 
     dirty = bool(git("status", "--porcelain", "--", watched))
     return {"commit": git("rev-parse", "--short", "HEAD"), dirty_key: dirty}
+
+
+_STDLIB = re.compile(r"python3\.\d+/")
+
+
+def profile_entries(
+    profiler: cProfile.Profile, per: float
+) -> list[tuple[str, float, float, float]]:
+    """Every profiled function as (``path:line(name)``, calls, own µs, cumulative µs), each
+    divided by ``per`` (plates or facts); paths are cut after site-packages/, src/ or the
+    standard library's python3.X/."""
+    stats = pstats.Stats(profiler)
+    entries = []
+    for (filename, line, func), (_cc, ncalls, tottime, cumtime, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        where = filename
+        for marker in ("site-packages/", "src/"):
+            if marker in filename:
+                where = filename.split(marker, 1)[1]
+                break
+        else:
+            stdlib = _STDLIB.search(filename)
+            if stdlib is not None:
+                where = filename[stdlib.end() :]
+        entries.append(
+            (f"{where}:{line}({func})", ncalls / per, tottime * 1e6 / per, cumtime * 1e6 / per)
+        )
+    return entries

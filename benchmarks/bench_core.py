@@ -50,7 +50,6 @@ import gc
 import itertools
 import json
 import os
-import pstats
 import statistics
 import sys
 import time
@@ -62,7 +61,7 @@ from typing import Any
 
 from transitions import Machine
 
-from _common import log, machine_info, source_info
+from _common import log, machine_info, profile_entries, source_info
 from plateflow.core import (
     PLATE_TABLE,
     Batch,
@@ -781,22 +780,15 @@ def profile(n: int, top: int) -> dict[str, Any]:
     check_lifecycle(batch, n)
     n_facts = len(facts) + 1
 
-    stats = pstats.Stats(profiler)
-    rows = []
-    for (filename, line, func), (_cc, ncalls, tottime, cumtime, _callers) in stats.stats.items():  # type: ignore[attr-defined]
-        where = filename
-        for marker in ("site-packages/", "src/"):
-            if marker in filename:
-                where = filename.split(marker, 1)[1]
-                break
-        rows.append(
-            {
-                "function": f"{where}:{line}({func})",
-                "calls_per_fact": round(ncalls / n_facts, 2),
-                "tottime_us_per_fact": round(tottime * 1e6 / n_facts, 3),
-                "cumtime_us_per_fact": round(cumtime * 1e6 / n_facts, 3),
-            }
-        )
+    rows = [
+        {
+            "function": function,
+            "calls_per_fact": round(calls, 2),
+            "tottime_us_per_fact": round(own, 3),
+            "cumtime_us_per_fact": round(cum, 3),
+        }
+        for function, calls, own, cum in profile_entries(profiler, n_facts)
+    ]
     total_us = sum(row["tottime_us_per_fact"] for row in rows)
     by_cum = sorted(rows, key=lambda row: -row["cumtime_us_per_fact"])[:top]
     by_tot = sorted(rows, key=lambda row: -row["tottime_us_per_fact"])[:top]

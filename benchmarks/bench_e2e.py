@@ -92,7 +92,7 @@ from typing import Any
 import zmq
 from pydantic import JsonValue
 
-from _common import loadavg, log, machine_info, source_info
+from _common import loadavg, log, machine_info, profile_entries, source_info
 from plateflow import (
     BaseBatchHost,
     BatchState,
@@ -1300,22 +1300,15 @@ def report(r: dict[str, Any]) -> None:
 
 
 def profile_rows(profiler: cProfile.Profile, n: int, top: int) -> list[dict[str, Any]]:
-    stats = pstats.Stats(profiler)
-    rows = []
-    for (filename, line, func), (_cc, ncalls, tottime, cumtime, _callers) in stats.stats.items():  # type: ignore[attr-defined]
-        where = filename
-        for marker in ("site-packages/", "src/", "lib/python3"):
-            if marker in filename:
-                where = filename.split(marker, 1)[1]
-                break
-        rows.append(
-            {
-                "function": f"{where}:{line}({func})",
-                "calls_per_plate": round(ncalls / n, 2),
-                "own_us_per_plate": round(tottime * 1e6 / n, 2),
-                "cum_us_per_plate": round(cumtime * 1e6 / n, 2),
-            }
-        )
+    rows = [
+        {
+            "function": function,
+            "calls_per_plate": round(calls, 2),
+            "own_us_per_plate": round(own, 2),
+            "cum_us_per_plate": round(cum, 2),
+        }
+        for function, calls, own, cum in profile_entries(profiler, n)
+    ]
     return sorted(rows, key=lambda row: -row["own_us_per_plate"])[:top]
 
 
