@@ -777,6 +777,7 @@ def frame_sizes() -> tuple[int, int]:
                      pipeline=PIPELINE)  # fmt: skip
     request = ExecuteRequest(
         id="0123abcd-20001",
+        session="AbCdEfGhIjKlMnOpQrStUvWxYz0123456789-_AbCd",
         execution_id=f"0123456789ab.{i}.x",
         job=job,
         artifact_id=job.fingerprint,

@@ -29,7 +29,7 @@ def _modules(folder: str) -> list[Path]:
 # (where, may import from plateflow only these prefixes)
 RULES = [
     ("core", ("plateflow.core", "plateflow.errors")),
-    ("pipeline", ("plateflow.pipeline", "plateflow.errors")),
+    ("pipeline", ("plateflow.pipeline", "plateflow.core.decoding", "plateflow.errors")),
     ("examples", ("plateflow.pipeline", "plateflow.errors")),
     (
         "runtime",

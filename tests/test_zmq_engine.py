@@ -62,6 +62,7 @@ from plateflow.engines.zmq.engine import (
 )
 from plateflow.engines.zmq.rundir import ServerRecord
 from plateflow.engines.zmq.wire import (
+    PROTOCOL_VERSION,
     FactEvent,
     HeartbeatEvent,
     Reply,
@@ -837,7 +838,7 @@ class FakeServer:
                     pid=os.getpid(),
                     control=f"ipc://{self.directory}/control.sock",
                     events=f"ipc://{self.directory}/events.sock",
-                    protocol=1,
+                    protocol=PROTOCOL_VERSION,
                     heartbeat_interval=self.heartbeat,
                     started_at=time.time(),
                 ),

@@ -107,6 +107,8 @@ class Client:
         self.sub.connect(record.events)
         self.events: list[Event] = []
         """Every event this client received, in order."""
+        self.session = uuid.uuid4().hex
+        """The secret this client submits with (and cancels with)."""
 
     def close(self) -> None:
         self.dealer.close(0)
@@ -171,7 +173,8 @@ class Client:
     def compile(self, job: CompileJob) -> str:
         """Compile ``job``; return the artifact id."""
         job_id = _new_id()
-        assert self.call(CompileRequest(id=_new_id(), job_id=job_id, job=job)).ok
+        request = CompileRequest(id=_new_id(), session=self.session, job_id=job_id, job=job)
+        assert self.call(request).ok
         facts = self.wait_facts(lambda fs: any(isinstance(f, CompileSucceeded) for f in fs), job_id)
         assert isinstance(facts[0], CompileAccepted)
         succeeded = facts[-1]
@@ -181,7 +184,11 @@ class Client:
     def execute(self, job: CompileJob, artifact_id: str) -> str:
         execution_id = _new_id()
         request = ExecuteRequest(
-            id=_new_id(), execution_id=execution_id, job=job, artifact_id=artifact_id
+            id=_new_id(),
+            session=self.session,
+            execution_id=execution_id,
+            job=job,
+            artifact_id=artifact_id,
         )
         assert self.call(request).ok
         return execution_id
@@ -387,11 +394,13 @@ def test_cancel_stops_only_that_execution(client: Client, plate: CompileJob) -> 
         plate_id=plate.plate_id, phase="execute", submission_id=slow_execution
     )
     started = time.monotonic()
-    assert client.call(CancelRequest(id=_new_id(), submission=submission)).ok
+    assert client.call(
+        CancelRequest(id=_new_id(), submission=submission, session=client.session)
+    ).ok
     assert isinstance(client.terminal(slow_execution), ExecutionCancelled)
     assert time.monotonic() - started < 5, "the step observed the cancel; no escalation needed"
     assert isinstance(client.terminal(short_execution), ExecutionSucceeded)
-    again = client.call(CancelRequest(id=_new_id(), submission=submission))
+    again = client.call(CancelRequest(id=_new_id(), submission=submission, session=client.session))
     assert again.ok, "cancelling something finished is not an error"
 
 
@@ -499,12 +508,13 @@ def test_a_second_server_on_the_same_runtime_dir_refuses_to_start(server: Server
 
 _JOB = CompileJob(plate_id="p", plate_path="/nonexistent", pipeline=demo_pipeline())
 _SUBMISSION = WireSubmission(plate_id="p", phase="execute", submission_id="x")
+_SESSION = "fuzz-session-0000"
 _VALID: list[BaseModel] = [
     PingRequest(id="a"),
-    CompileRequest(id="b", job_id="j", job=_JOB),
-    ExecuteRequest(id="c", execution_id="e", job=_JOB, artifact_id="f"),
+    CompileRequest(id="b", session=_SESSION, job_id="j", job=_JOB),
+    ExecuteRequest(id="c", session=_SESSION, execution_id="e", job=_JOB, artifact_id="f"),
     StatusRequest(id="d", submissions=(_SUBMISSION,)),
-    CancelRequest(id="e", submission=_SUBMISSION),
+    CancelRequest(id="e", submission=_SUBMISSION, session=_SESSION),
     ServerInfoRequest(id="f"),
     ShutdownRequest(id="g", token="not-the-token"),
 ]
@@ -572,7 +582,9 @@ def _wrong_version(draw: st.DrawFn) -> bytes:
 @st.composite
 def _oversized(draw: st.DrawFn) -> bytes:
     size = draw(st.integers(DEFAULT_MAX_MESSAGE_BYTES + 1, DEFAULT_MAX_MESSAGE_BYTES + 4096))
-    return json.dumps({"v": 1, "id": "big", "type": "ping", "pad": " " * size}).encode()[:size]
+    return json.dumps(
+        {"v": PROTOCOL_VERSION, "id": "big", "type": "ping", "pad": " " * size}
+    ).encode()[:size]
 
 
 _frames = st.one_of(

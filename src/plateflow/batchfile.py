@@ -26,7 +26,7 @@ import re
 import tomllib
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
@@ -48,6 +48,8 @@ from plateflow.pipeline import DEFAULT_ALLOWED_MODULES, PipelineSpec, StepSpec
 from plateflow.service import Plate
 
 __all__ = [
+    "MAX_BATCH_FILE_BYTES",
+    "MAX_NESTING",
     "AnyEngineSettings",
     "BatchFile",
     "BatchFileError",
@@ -77,6 +79,11 @@ _SCHEDULER_INPROC: Final = re.compile(r"^inproc://\S+$")
 _BARE_HOST_PORT: Final = re.compile(r"^[A-Za-z0-9.\[\]:-]+:\d{1,5}$")
 _MAX_PROBLEMS: Final = 10
 """At most this many validation problems are listed; the rest are counted."""
+MAX_BATCH_FILE_BYTES: Final = 16 << 20
+"""A batch file larger than this (16 MiB) is refused before it is parsed."""
+MAX_NESTING: Final = 64
+"""Tables and arrays nested deeper than this are refused."""
+_BOM: Final = "\ufeff"
 
 Seconds = Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)]
 """A positive, finite number of seconds; a TOML string such as ``"2"`` is refused."""
@@ -415,10 +422,22 @@ def parse_batch_file(text: str, *, source: str | Path = "<batch file>") -> Batch
     """Parse and validate batch-file text; paths are not resolved, nothing is checked on disk.
 
     Raises :class:`BatchFileError` naming the line (TOML syntax) or the field
-    path (validation) of each problem.
+    path (validation) of each problem. A leading byte-order mark is skipped;
+    text with a lone surrogate, a number of more than 4,300 digits or
+    nesting deeper than :data:`MAX_NESTING` is refused.
     """
     try:
-        raw = tomllib.loads(text)
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BatchFileError(
+            source, [f"not valid Unicode text: a lone surrogate at character {exc.start}"]
+        ) from None
+    try:
+        raw = tomllib.loads(text.removeprefix(_BOM))
+    except RecursionError:
+        raise BatchFileError(
+            source, [f"invalid TOML: nested deeper than {MAX_NESTING} tables and arrays"]
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         message = str(exc)
         position = _TOML_POSITION.search(message)
@@ -429,17 +448,50 @@ def parse_batch_file(text: str, *, source: str | Path = "<batch file>") -> Batch
         raise BatchFileError(
             source, [f"line {line}, column {column}: invalid TOML: {detail}"]
         ) from None
+    except ValueError:  # tomllib lets int() refuse a number of more than 4,300 digits
+        raise BatchFileError(
+            source, ["invalid TOML: an integer of more than 4300 digits"]
+        ) from None
+    if _depth(raw) > MAX_NESTING:
+        raise BatchFileError(
+            source, [f"invalid TOML: nested deeper than {MAX_NESTING} tables and arrays"]
+        )
     try:
         return BatchFile.model_validate(raw)
     except ValidationError as exc:
         raise BatchFileError(source, _problems(exc)) from None
 
 
+def _depth(value: object) -> int:
+    """How deeply tables and arrays nest in a parsed document (without recursion)."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[object] = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level + 1)
+        if deepest > MAX_NESTING:
+            return deepest
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
 def load_batch_file(path: str | Path) -> LoadedBatch:
     """Read, validate and resolve a batch file. Raises :class:`BatchFileError`."""
     source = Path(path)
     try:
-        text = source.read_text(encoding="utf-8")
+        with source.open("rb") as stream:
+            data = stream.read(MAX_BATCH_FILE_BYTES + 1)
+        if len(data) > MAX_BATCH_FILE_BYTES:
+            raise BatchFileError(
+                source, [f"larger than {MAX_BATCH_FILE_BYTES} bytes: not a batch file"]
+            )
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise BatchFileError(source, ["no such file"]) from None
     except IsADirectoryError:

@@ -5,6 +5,9 @@
 - ``UsageError`` and its subclasses mean the caller (a host, a batch file, a
   journal on disk) gave plateflow something it cannot use. The message says
   what and where.
+- ``DecodeError`` means bytes from outside (a frame on a socket, a journal
+  line, a record on disk) are not one bounded, strictly valid JSON document;
+  whoever sent them is at fault, and nothing was acted on.
 - Engine misbehaviour is never raised at the host: the core turns it into a
   journal entry, an ``emit_error`` report and a ``failed`` plate. The codes
   used for that are in :class:`ErrorCode`.
@@ -16,6 +19,7 @@ from enum import StrEnum
 
 __all__ = [
     "ConvergenceViolation",
+    "DecodeError",
     "ErrorCode",
     "InvalidTransition",
     "JournalError",
@@ -79,6 +83,19 @@ class InvalidTransition(PlateflowBug):
 
 class ReentrancyError(PlateflowBug):
     """A batch was asked to handle a fact while it was still handling another (C4)."""
+
+
+class DecodeError(PlateflowError):
+    """Bytes that are not one bounded, strictly valid JSON document; nothing was acted on.
+
+    ``where`` names the document (``"request"``, ``"journal.jsonl:3"``) and
+    ``reason`` says what was wrong with it; the message is both.
+    """
+
+    def __init__(self, where: str, reason: str) -> None:
+        self.where = where
+        self.reason = reason
+        super().__init__(f"{where}: {reason}")
 
 
 class UsageError(PlateflowError):

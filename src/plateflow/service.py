@@ -61,7 +61,7 @@ from plateflow.core import (
 from plateflow.engines.base import Engine, EngineError, Submission
 from plateflow.errors import UsageError
 from plateflow.host import HOST_CALLBACKS, BatchHost
-from plateflow.jobs import CompileJob
+from plateflow.jobs import CompileJob, plate_id_problem
 from plateflow.pipeline.spec import PipelineSpec
 from plateflow.runtime.dispatch import Dispatcher, inline_dispatcher
 from plateflow.runtime.progress import CoalescingProgressEmitter, ProgressProjection
@@ -84,6 +84,24 @@ class Plate:
     plate_id: str
     path: str
     pipeline: PipelineSpec | None = None
+
+
+def _selected(plates: Sequence[Plate]) -> list[str]:
+    """The plate ids of a selection, in order; a selection that is not one raises."""
+    if isinstance(plates, str | bytes) or not isinstance(plates, Sequence):
+        raise UsageError(f"plates must be a sequence of Plate, got {type(plates).__name__}")
+    ids: list[str] = []
+    for index, plate in enumerate(plates):
+        if not isinstance(plate, Plate):
+            raise UsageError(f"plates[{index}] is a {type(plate).__name__}, not a Plate")
+        if not isinstance(plate.plate_id, str):
+            raise UsageError(
+                f"plates[{index}].plate_id is a {type(plate.plate_id).__name__}, not a string"
+            )
+        ids.append(plate.plate_id)
+    if len(set(ids)) != len(ids):
+        raise UsageError("a plate was selected twice; plate ids must be unique in a batch")
+    return ids
 
 
 def _check_host(host: object) -> BatchHost:
@@ -134,6 +152,8 @@ class BatchWorkflowService:
         self._engine_started = False
         self._batch: Batch | None = None
         self._jobs: dict[str, CompileJob] = {}
+        self._refused: dict[str, str] = {}
+        """Plates of the current batch whose id breaks the rule, and why."""
         self._settled: asyncio.Event | None = None
         self._summary: BatchSummary | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -190,7 +210,8 @@ class BatchWorkflowService:
 
     def cancel(self, plate_id: str | None = None) -> None:
         """Cancel one plate, or the whole batch. Safe to call from any thread."""
-        if plate_id is not None and self._batch is not None and plate_id not in self._jobs:
+        batch = self._batch
+        if plate_id is not None and batch is not None and plate_id not in batch.plate_ids:
             raise UsageError(f"cannot cancel {plate_id!r}: it is not in the current batch")
         self.post(CancelRequested(plate_id=plate_id))
 
@@ -265,10 +286,18 @@ class BatchWorkflowService:
                 f"batch {self._batch.batch_id} is still {self._batch.state.value}; "
                 "wait for it or cancel it before starting another"
             )
+        selected = _selected(plates)
         self._loop = asyncio.get_running_loop()
         if not self._engine_started:
             await self._engine.start(self.post)
             self._engine_started = True
+        # The door: one plate-id rule for every engine. A plate that breaks it is
+        # rejected at its submission (a fact like any engine's refusal), never sent.
+        refused = {
+            plate_id: problem
+            for plate_id in selected
+            if (problem := plate_id_problem(plate_id)) is not None
+        }
         # Build a CompileJob for every selected plate (the seed's step 2 / 3).
         jobs = {
             p.plate_id: CompileJob(
@@ -278,20 +307,19 @@ class BatchWorkflowService:
                 config=config,
             )
             for p in plates
+            if p.plate_id not in refused
         }
-        if len(jobs) != len(plates):
-            raise UsageError("a plate was selected twice; plate ids must be unique in a batch")
         batch = Batch(
             uuid.uuid4().hex[:12],
-            list(jobs),
+            selected,
             mode=mode,
             policy=self.policy,
             clock=self._clock,
         )
-        self._batch, self._jobs, self._summary = batch, jobs, None
+        self._batch, self._jobs, self._refused, self._summary = batch, jobs, refused, None
         self._settled = asyncio.Event()
         # Reset progress and execution state; mark every plate queued at once.
-        self._projection = ProgressProjection(list(jobs), mode=mode, clock=self._clock)
+        self._projection = ProgressProjection(selected, mode=mode, clock=self._clock)
         self._emitter = CoalescingProgressEmitter(
             self._projection,
             lambda snap: self._to_host(
@@ -300,7 +328,6 @@ class BatchWorkflowService:
             interval=self._progress_interval,
         )
         self._phases = {}
-        selected = list(jobs)
         self._to_host(
             "emit_progress_started", len(selected), store=partial(self._reset_stores, selected)
         )
@@ -416,6 +443,16 @@ class BatchWorkflowService:
 
         async def submit(key: tuple[str, str]) -> None:
             d = by_key[key]
+            problem = self._refused.get(d.plate_id)
+            if problem is not None and isinstance(d, SubmitCompile):
+                self.post(
+                    CompileRejected(
+                        plate_id=d.plate_id,
+                        job_id=d.job_id,
+                        error=f"plateflow refused this plate id: {problem}",
+                    )
+                )
+                return
             job = self._jobs[d.plate_id]
             if isinstance(d, SubmitCompile):
                 await self._engine.submit_compile(d.job_id, job)

@@ -16,6 +16,7 @@ The file format is JSON Lines: a header line, then one line per record.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
@@ -24,12 +25,14 @@ from typing import IO, Any, NamedTuple
 
 from pydantic import ValidationError
 
+from plateflow.core.decoding import decode_object
 from plateflow.core.facts import Fact, fact_adapter
 from plateflow.core.tables import BatchMode, BatchState, CompileFailurePolicy, PlateState
-from plateflow.errors import JournalError
+from plateflow.errors import DecodeError, JournalError
 
 __all__ = [
     "JOURNAL_FORMAT",
+    "MAX_LINE_BYTES",
     "Change",
     "Disposition",
     "Journal",
@@ -39,6 +42,8 @@ __all__ = [
 
 JOURNAL_FORMAT = 1
 """Version of the JSON Lines layout; readers refuse a format they do not know."""
+MAX_LINE_BYTES = 64 << 20
+"""A journal line (one record) longer than this is refused rather than read."""
 
 
 class Disposition(StrEnum):
@@ -134,31 +139,41 @@ class Journal:
             self.write(stream)
 
     @classmethod
-    def read(cls, stream: IO[str], *, source: str = "<stream>") -> Journal:
-        """Read a journal written by :meth:`write`; errors name the line and field."""
+    def read(cls, stream: IO[str] | IO[bytes], *, source: str = "<stream>") -> Journal:
+        """Read a journal written by :meth:`write`; errors name the line and field.
+
+        Every line is decoded by :mod:`plateflow.core.decoding` (strict UTF-8,
+        bounded nesting and integers) and may hold at most
+        :data:`MAX_LINE_BYTES`; anything else raises :class:`JournalError`.
+        """
         header: JournalHeader | None = None
         records: list[Record] = []
-        for lineno, line in enumerate(stream, start=1):
+        lineno = 0
+        while line := stream.readline(MAX_LINE_BYTES + 1):
+            lineno += 1
+            where = f"{source}:{lineno}"
+            if len(line) > MAX_LINE_BYTES:
+                raise JournalError(f"{where}: a line longer than {MAX_LINE_BYTES} bytes")
             if not line.strip():
                 continue
-            where = f"{source}:{lineno}"
             try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise JournalError(f"{where}: not JSON ({exc.msg} at column {exc.colno})") from exc
-            if not isinstance(raw, dict):
-                raise JournalError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-            if header is None:
-                header = _header_from_json(raw, where)
-            else:
-                records.append(_record_from_json(raw, where))
+                raw = decode_object(line, max_bytes=MAX_LINE_BYTES, what=where)
+                if header is None:
+                    header = _header_from_json(raw, where)
+                else:
+                    records.append(_record_from_json(raw, where))
+            except DecodeError as exc:
+                raise JournalError(str(exc)) from None
+            except (ValueError, TypeError, OverflowError) as exc:  # a value of the wrong kind
+                raise JournalError(f"{where}: {type(exc).__name__}: {exc}") from None
         if header is None:
             raise JournalError(f"{source}: empty journal (no header line)")
         return cls(header, records)
 
     @classmethod
     def load(cls, path: str | Path) -> Journal:
-        with Path(path).open(encoding="utf-8") as stream:
+        """Read a journal file (bytes, so that what is not UTF-8 is said with its line)."""
+        with Path(path).open("rb") as stream:
             return cls.read(stream, source=str(path))
 
 
@@ -244,9 +259,12 @@ def _record_from_json(raw: dict[str, Any], where: str) -> Record:
         changes.append(
             Change(plate_id, _state(old, plate_id, where), _state(new, plate_id, where), str(note))
         )
+    moment = float(_field(raw, "time", (int, float), where))
+    if not math.isfinite(moment):
+        raise JournalError(f"{where}: field 'time' is not a finite number")
     return Record(
         seq=_field(raw, "seq", int, where),
-        time=float(_field(raw, "time", (int, float), where)),
+        time=moment,
         fact=fact,
         disposition=disposition,
         detail=_field(raw, "detail", str, where),

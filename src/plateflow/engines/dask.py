@@ -71,6 +71,7 @@ import dask
 from distributed import Client, KilledWorker, LocalCluster, get_worker
 from pydantic import JsonValue
 
+from plateflow.core.decoding import valid_text
 from plateflow.core.facts import (
     CompileAccepted,
     CompileRejected,
@@ -183,7 +184,7 @@ def _describe(exc: BaseException) -> str:
     if frames:
         last = frames[-1]
         text += f" (at {os.path.basename(last.filename)}:{last.lineno} in {last.name})"
-    return text
+    return valid_text(text)
 
 
 def _compile_task(spec_json: str, allowed: tuple[str, ...], topic: str, job_id: str) -> Any:
@@ -256,7 +257,7 @@ def _execute_task(compiled: CompiledPipeline, run: _Run) -> dict[str, JsonValue]
     except StepCancelled:
         return {"t": "cancelled"}
     except PipelineError as exc:
-        return {"t": "failed", "error": str(exc), "stopping": cancelled()}
+        return {"t": "failed", "error": valid_text(str(exc)), "stopping": cancelled()}
     except BaseException as exc:  # a step may raise anything, SystemExit included
         return {"t": "failed", "error": _describe(exc), "stopping": cancelled()}
     finally:

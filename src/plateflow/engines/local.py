@@ -65,6 +65,7 @@ from typing import Any, Final, Literal, cast, final
 
 from pydantic import JsonValue
 
+from plateflow.core.decoding import decode_object, valid_text
 from plateflow.core.facts import (
     CompileAccepted,
     CompileRejected,
@@ -87,6 +88,7 @@ from plateflow.engines.base import (
     failed_fact,
     status_fact,
 )
+from plateflow.errors import DecodeError
 from plateflow.jobs import CompileJob
 from plateflow.pipeline.run import (
     DEFAULT_ALLOWED_MODULES,
@@ -112,6 +114,8 @@ DEFAULT_KEEP_FINISHED: Final = 100_000
 """Finished submissions a :class:`LocalEngine` remembers for status answers, by default."""
 _COMPILED_CACHE: Final = 32
 """Compiled pipelines a worker keeps, by spec: a batch usually has one."""
+_MAX_REPORT_BYTES: Final = 64 << 20
+"""A worker report holds at most a result (16 MiB of JSON, checked by the worker)."""
 
 
 # --- the worker process ----------------------------------------------------------
@@ -144,7 +148,7 @@ def _describe(exc: BaseException) -> str:
     if frames:
         last = frames[-1]
         text += f" (at {os.path.basename(last.filename)}:{last.lineno} in {last.name})"
-    return text
+    return valid_text(text)
 
 
 def _exit_when_parent_dies() -> None:
@@ -212,7 +216,7 @@ def _worker_main(
         except StepCancelled:
             _send(conn, {"t": "cancelled", "n": n})
         except PipelineError as exc:
-            _send(conn, {"t": "failed", "n": n, "error": str(exc)})
+            _send(conn, {"t": "failed", "n": n, "error": valid_text(str(exc))})
         except Exception as exc:
             _send(conn, {"t": "failed", "n": n, "error": _describe(exc)})
         except BaseException as exc:  # SystemExit, KeyboardInterrupt: report, then leave
@@ -526,6 +530,11 @@ class LocalEngine(Engine):
                     facts.append(status_fact(known, terminal=work.terminal, started=work.started))
         return facts
 
+    def knows(self, phase: Literal["compile", "execute"], submission_id: str) -> bool:
+        """Whether a submission of this id is queued, running or remembered as finished."""
+        with self._lock:
+            return (phase, submission_id) in self._works
+
     def info_now(self) -> dict[str, JsonValue]:
         """:meth:`server_info` without an event loop."""
         with self._lock:
@@ -798,13 +807,25 @@ class LocalEngine(Engine):
             except (EOFError, OSError):
                 return  # the worker is exiting: its sentinel decides what happened
             try:
-                message = json.loads(raw)
+                message = decode_object(raw, max_bytes=_MAX_REPORT_BYTES, what="a worker report")
                 kind = message["t"]
-                n = int(message["n"])
-            except (ValueError, KeyError, TypeError):
-                _log.warning("worker %s sent a malformed report: %r", worker.pid, raw[:200])
+                n = message["n"]
+                if type(kind) is not str or type(n) is not int:
+                    raise TypeError(f"t {kind!r:.20} and n {n!r:.20}")
+            except (DecodeError, KeyError, TypeError) as exc:
+                # Our own worker wrote it, so this is a bug: the job it was running
+                # fails, saying so, rather than wait for a report that cannot come.
+                _log.error("worker %s sent a report it cannot have meant: %s", worker.pid, exc)
+                self._unreadable(worker, f"{type(exc).__name__}: {exc}")
                 continue
             self._handle(worker, n, kind, message)
+
+    def _unreadable(self, worker: _Worker, why: str) -> None:
+        """Fail the job ``worker`` runs now: its report could not be read."""
+        work = worker.work
+        if work is not None:
+            error = {"error": f"the worker's report could not be read: {why}"}
+            self._handle(worker, work.n, "failed", error)
 
     def _handle(self, worker: _Worker, n: int, kind: str, message: dict[str, Any]) -> None:
         fact: Fact | None = None

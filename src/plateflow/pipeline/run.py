@@ -27,7 +27,8 @@ from typing import Any, cast
 
 from pydantic import JsonValue, TypeAdapter, ValidationError
 
-from plateflow.errors import UsageError
+from plateflow.core.decoding import decode_json, valid_text
+from plateflow.errors import DecodeError, UsageError
 from plateflow.pipeline.spec import PipelineSpec, StepSpec
 
 __all__ = [
@@ -48,6 +49,8 @@ DEFAULT_ALLOWED_MODULES: tuple[str, ...] = ("plateflow.examples.platereader",)
 
 _FORMAT = "plateflow-pipeline/1"
 _RESULT: TypeAdapter[dict[str, JsonValue]] = TypeAdapter(dict[str, JsonValue])
+_MAX_RESULT_BYTES = 16 << 20
+"""A result larger than this (16 MiB of JSON) is refused: it has to cross the wire."""
 
 
 class PipelineError(UsageError):
@@ -70,7 +73,7 @@ class StepContext:
 
     def progress(self, done: int, total: int, message: str = "") -> None:
         """Report progress within the running step (``done`` of ``total``)."""
-        self._report(done, total, message)
+        self._report(done, total, valid_text(str(message)))
 
     @property
     def cancelled(self) -> bool:
@@ -198,7 +201,7 @@ def execute_pipeline(compiled: CompiledPipeline, ctx: StepContext) -> dict[str, 
             raise
         except Exception as exc:
             raise StepFailed(
-                f"step {index + 1} ({step.function}) raised {type(exc).__name__}: {exc}"
+                valid_text(f"step {index + 1} ({step.function}) raised {type(exc).__name__}: {exc}")
             ) from exc
         ctx.progress(base + STEP_UNITS, total, step.function)
     last = steps[-1].function
@@ -209,16 +212,23 @@ def execute_pipeline(compiled: CompiledPipeline, ctx: StepContext) -> dict[str, 
         )
     try:
         result = _RESULT.validate_python(dict(data))
-        json.dumps(result, allow_nan=False)
+        # The result crosses process boundaries as JSON: it must read back within
+        # every bound of plateflow's one decoder (strict text, depth, digits).
+        text = json.dumps(result, allow_nan=False, ensure_ascii=False)
+        decode_json(text, max_bytes=_MAX_RESULT_BYTES, what="the result")
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(p) for p in error["loc"])
         raise PipelineError(
             f"the last step ({last}) returned a result that is not JSON at {where}: {error['msg']}"
         ) from exc
-    except ValueError as exc:
+    except DecodeError as exc:
         raise PipelineError(
-            f"the last step ({last}) returned a result that is not JSON: {exc}"
+            valid_text(f"the last step ({last}) returned a result plateflow cannot carry: {exc}")
+        ) from exc
+    except (ValueError, RecursionError) as exc:
+        raise PipelineError(
+            valid_text(f"the last step ({last}) returned a result that is not JSON: {exc}")
         ) from exc
     return result
 

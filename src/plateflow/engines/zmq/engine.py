@@ -56,6 +56,7 @@ import logging
 import math
 import os
 import queue
+import secrets
 import signal
 import subprocess
 import sys
@@ -70,6 +71,7 @@ from typing import Any, Final, Literal, final
 import zmq
 from pydantic import BaseModel, JsonValue, ValidationError
 
+from plateflow.core.decoding import first_error
 from plateflow.core.facts import (
     CompileCancelled,
     CompileFailed,
@@ -105,6 +107,7 @@ from plateflow.engines.zmq.wire import (
     ServerInfoRequest,
     ShutdownRequest,
     StatusRequest,
+    StoppingEvent,
     WireError,
     WireSubmission,
     decode_event,
@@ -246,12 +249,6 @@ def _key_of(fact: Fact) -> _Key | None:
     return None
 
 
-def _first_error(exc: ValidationError) -> str:
-    error = exc.errors()[0]
-    where = ".".join(str(part) for part in error["loc"]) or "message"
-    return f"{where}: {error['msg']}"
-
-
 def _tail(path: Path | None) -> str:
     if path is None:
         return ""
@@ -325,6 +322,8 @@ class ZmqEngine(Engine):
         self._startup_timeout = float(startup_timeout)
 
         self._client_id = uuid.uuid4().hex[:8]
+        self._session = secrets.token_urlsafe(24)
+        """Sent with every submission and cancel: only this session may cancel its work."""
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         """Guards the outstanding submissions, the broken/closing flags and the outbox."""
@@ -442,14 +441,14 @@ class ZmqEngine(Engine):
         self._check_usable()
         rid = self._new_id()
         try:
-            request = CompileRequest(id=rid, job_id=job_id, job=job)
+            request = CompileRequest(id=rid, session=self._session, job_id=job_id, job=job)
         except ValidationError as exc:
             self._push(
                 CompileRejected(
                     observed_at=time.time(),
                     plate_id=job.plate_id,
                     job_id=job_id,
-                    error=f"the zmq engine cannot send this job: {_first_error(exc)}",
+                    error=f"the zmq engine cannot send this job: {first_error(exc)}",
                 )
             )
             return
@@ -466,7 +465,11 @@ class ZmqEngine(Engine):
         rid = self._new_id()
         try:
             request = ExecuteRequest(
-                id=rid, execution_id=execution_id, job=job, artifact_id=artifact_id
+                id=rid,
+                session=self._session,
+                execution_id=execution_id,
+                job=job,
+                artifact_id=artifact_id,
             )
         except ValidationError as exc:
             self._push(
@@ -474,7 +477,7 @@ class ZmqEngine(Engine):
                     observed_at=time.time(),
                     plate_id=job.plate_id,
                     execution_id=execution_id,
-                    error=f"the zmq engine cannot send this execution: {_first_error(exc)}",
+                    error=f"the zmq engine cannot send this execution: {first_error(exc)}",
                 )
             )
             return
@@ -497,7 +500,9 @@ class ZmqEngine(Engine):
             self._push(cancelled_fact(submission))
             return
         try:
-            request = CancelRequest(id=self._new_id(), submission=self._wire(submission))
+            request = CancelRequest(
+                id=self._new_id(), submission=self._wire(submission), session=self._session
+            )
         except ValidationError:
             return  # no such submission can exist on the server
         reply = await self._call(request, f"cancel {submission.submission_id}")
@@ -997,6 +1002,11 @@ class ZmqEngine(Engine):
         if isinstance(event, FactEvent):
             c.facts += 1
             self._deliver(event.fact)
+        elif isinstance(event, StoppingEvent):
+            # Its work is lost, not cancelled: whatever it had is reported engine_lost
+            # (unless this client is closing and asked for the stop itself).
+            self._lose(f"the server {event.server_id} stopped: {event.reason}")
+            return
         else:
             c.heartbeats += 1
         if reconcile:
@@ -1232,7 +1242,12 @@ class ZmqEngine(Engine):
         )
 
     def _chunks(self, submissions: Sequence[Submission]) -> list[tuple[WireSubmission, ...]]:
-        wired = [self._wire(s) for s in submissions]
+        wired: list[WireSubmission] = []
+        for submission in submissions:
+            try:
+                wired.append(self._wire(submission))
+            except ValidationError:
+                continue  # it cannot be named on the wire, so the server cannot have it
         return [tuple(wired[i : i + _STATUS_CHUNK]) for i in range(0, len(wired), _STATUS_CHUNK)]
 
     async def _submit(

@@ -32,7 +32,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from plateflow.errors import UsageError
+from plateflow.core.decoding import decode_object
+from plateflow.errors import DecodeError, UsageError
 
 __all__ = [
     "ServerRecord",
@@ -47,6 +48,8 @@ __all__ = [
 ]
 
 ENV_VAR = "PLATEFLOW_RUNTIME_DIR"
+_MAX_RECORD_BYTES = 64 * 1024
+"""``server.json`` is a few hundred bytes; anything far larger is not ours."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,9 +108,13 @@ def write_record(directory: Path, record: ServerRecord) -> None:
 def read_record(directory: Path) -> ServerRecord | None:
     """The server record, or None when there is none or it cannot be read."""
     try:
-        raw = json.loads((directory / "server.json").read_text(encoding="utf-8"))
+        raw = decode_object(
+            (directory / "server.json").read_bytes(),
+            max_bytes=_MAX_RECORD_BYTES,
+            what="server.json",
+        )
         return ServerRecord(**raw)
-    except (OSError, ValueError, TypeError):
+    except (OSError, DecodeError, TypeError):
         return None
 
 

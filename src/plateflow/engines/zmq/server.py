@@ -27,7 +27,19 @@ Every frame is validated (:func:`~plateflow.engines.zmq.wire.decode_request`)
 before anything acts on it; a bad frame gets an ``ok=false`` reply and changes
 nothing. libzmq itself drops (and disconnects the sender of) frames larger
 than ``MAXMSGSIZE``, set a little above ``max_message_bytes``, so a huge frame
-is never even buffered. Shutdown needs the token, compared in constant time.
+is never even buffered. Shutdown needs the token, compared in constant time;
+a cancel needs the session that submitted (or the token). A submission id
+the server already has is refused to the one who sent it, in the reply, so
+that nobody else's submission hears of it.
+
+No request takes the server down: an exception while answering one becomes
+that request's ``ok=false`` reply, and one in the loop itself is logged and
+the loop goes on; only a loop that keeps failing stops the server. However
+the server stops (a shutdown request, a signal, a crash), its last event is a
+:class:`~plateflow.engines.zmq.wire.StoppingEvent` with the reason, and the
+cancellations of closing its worker pool are *not* published: nobody asked
+for them, and a client must report its work lost (``engine_lost``), not
+``engine_cancelled``.
 """
 
 from __future__ import annotations
@@ -46,7 +58,7 @@ import uuid
 from collections.abc import Callable, Collection, Coroutine, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any, Final, TypeVar, final
+from typing import Any, Final, Literal, TypeVar, final
 
 import zmq
 from pydantic import JsonValue
@@ -59,6 +71,7 @@ from plateflow.engines.zmq import rundir
 from plateflow.engines.zmq.rundir import ServerRecord
 from plateflow.engines.zmq.wire import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_REASON_LENGTH,
     PROTOCOL_VERSION,
     CancelRequest,
     CompileRequest,
@@ -71,6 +84,7 @@ from plateflow.engines.zmq.wire import (
     ServerInfoRequest,
     ShutdownRequest,
     StatusRequest,
+    StoppingEvent,
     WireError,
     WireSubmission,
     decode_request,
@@ -95,6 +109,36 @@ _LINGER_MS: Final = 1_000
 """How long closing sockets may spend delivering the last replies and events."""
 _IPC_PATH_MAX: Final = 100
 """A little under the ``sun_path`` limit of Unix sockets (108 bytes on Linux)."""
+_LOOP_FAILURES: Final = 50
+"""Turns of the loop in a row that may fail before the server gives up and stops."""
+_Key = tuple[str, str]
+"""(phase, submission id)."""
+_TERMINAL_KINDS: Final = frozenset(
+    {
+        "compile_succeeded",
+        "compile_failed",
+        "compile_rejected",
+        "compile_cancelled",
+        "execution_succeeded",
+        "execution_failed",
+        "execution_rejected",
+        "execution_cancelled",
+    }
+)
+
+
+def _key_of(fact: Fact) -> _Key | None:
+    job_id = getattr(fact, "job_id", None)
+    if isinstance(job_id, str):
+        return ("compile", job_id)
+    execution_id = getattr(fact, "execution_id", None)
+    if isinstance(execution_id, str):
+        return ("execute", execution_id)
+    return None
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _submission(wire_submission: WireSubmission) -> Submission:
@@ -167,7 +211,15 @@ class ExecutionServer:
         self._record: ServerRecord | None = None
 
         self._pub_lock = threading.Lock()
-        """Held for every use of the PUB socket and of ``_seq`` (any thread)."""
+        """Held for every use of the PUB socket, of ``_seq``, ``_owners`` and ``_muted``."""
+        self._owners: dict[_Key, str] = {}
+        """The session that submitted each unfinished submission: who may cancel it."""
+        self._muted = False
+        """Set with the stopping event: nothing is published after it."""
+        self._failures = 0
+        """Turns of the loop in a row that raised."""
+        self._next_beat = 0.0
+        """When the next heartbeat is due (monotonic)."""
         self._wakeup: WakePipe | None = None
         self._stop = threading.Event()
         self._stop_reason = ""
@@ -255,13 +307,20 @@ class ExecutionServer:
             rundir.write_record(directory, self._record)
             self._started = time.monotonic()
             _log.info("serving %s in %s", self.server_id, directory)
-            if on_ready is not None:
-                on_ready(self._record)
-            self._serve()
-            _log.info("stopping: %s", self._stop_reason)
-            # Say we are going before the (possibly slow) engine close.
-            with contextlib.suppress(FileNotFoundError):
-                (directory / "server.json").unlink()
+            try:
+                if on_ready is not None:
+                    on_ready(self._record)
+                self._serve()
+            except BaseException as exc:
+                if not self._stop_reason:
+                    self._stop_reason = f"crashed: {type(exc).__name__}: {exc}"
+                raise
+            finally:
+                _log.info("stopping: %s", self._stop_reason)
+                # Say we are going before the (possibly slow) engine close.
+                with contextlib.suppress(FileNotFoundError):
+                    (directory / "server.json").unlink()
+                self._farewell(self._stop_reason or "stopped")
 
     def __repr__(self) -> str:
         state = "running" if self._running and not self._stop.is_set() else "idle"
@@ -378,44 +437,74 @@ class ExecutionServer:
         wakeup = self._wakeup
         assert wakeup is not None
         poller.register(wakeup.fileno(), zmq.POLLIN)
-        next_beat = time.monotonic()
+        self._next_beat = time.monotonic()
         while not self._stop.is_set():
-            now = time.monotonic()
-            if now >= next_beat:
-                self._publish(
-                    lambda seq: HeartbeatEvent(
-                        server_id=self.server_id, seq=seq, interval=self._heartbeat_interval
+            try:
+                self._turn(poller, router, wakeup)
+            except Exception as exc:  # a bug: log it, and go on serving the others
+                self._failures += 1
+                _log.exception("the server loop failed (%s in a row)", self._failures)
+                if self._failures >= _LOOP_FAILURES:
+                    self.stop(
+                        f"crashed: the server loop failed {self._failures} times in a row; "
+                        f"the last: {type(exc).__name__}: {exc}"
                     )
+            else:
+                self._failures = 0
+
+    def _turn(self, poller: zmq.Poller, router: zmq.Socket[bytes], wakeup: WakePipe) -> None:
+        """One turn of the loop: a heartbeat when due, then what arrived."""
+        now = time.monotonic()
+        if now >= self._next_beat:
+            self._publish(
+                lambda seq: HeartbeatEvent(
+                    server_id=self.server_id, seq=seq, interval=self._heartbeat_interval
                 )
-                next_beat += self._heartbeat_interval
-                if next_beat <= now:  # we fell behind; do not send a burst
-                    next_beat = now + self._heartbeat_interval
-            timeout_ms = max(0, math.ceil((next_beat - time.monotonic()) * 1000))
-            ready = dict(poller.poll(timeout_ms))
-            if wakeup.fileno() in ready:
-                wakeup.drain()
-            if router in ready:
-                for _ in range(_BATCH):
-                    try:
-                        frames = router.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self._on_message(frames)
-                    if self._stop.is_set():
-                        break
+            )
+            self._next_beat += self._heartbeat_interval
+            if self._next_beat <= now:  # we fell behind; do not send a burst
+                self._next_beat = now + self._heartbeat_interval
+        timeout_ms = max(0, math.ceil((self._next_beat - time.monotonic()) * 1000))
+        ready = dict(poller.poll(timeout_ms))
+        if wakeup.fileno() in ready:
+            wakeup.drain()
+        if router in ready:
+            for _ in range(_BATCH):
+                try:
+                    frames = router.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._on_message(frames)
+                if self._stop.is_set():
+                    break
 
     def _sink(self, fact: Fact) -> None:
         """The engine's fact sink: any thread; publishes at once, never blocks."""
+        if fact.kind in _TERMINAL_KINDS and (key := _key_of(fact)) is not None:
+            with self._pub_lock:
+                self._owners.pop(key, None)
         self._publish(lambda seq: FactEvent(server_id=self.server_id, seq=seq, fact=fact))
+
+    def _farewell(self, reason: str) -> None:
+        """Publish the stopping event, then nothing more (the pool's cancellations included)."""
+        self._publish(
+            lambda seq: StoppingEvent(
+                server_id=self.server_id, seq=seq, reason=_cut(reason, MAX_REASON_LENGTH)
+            )
+        )
+        with self._pub_lock:
+            self._muted = True
 
     def _wake(self) -> None:
         wakeup = self._wakeup
         if wakeup is not None:
             wakeup.wake()
 
-    def _publish(self, make: Callable[[int], FactEvent | HeartbeatEvent]) -> None:
+    def _publish(self, make: Callable[[int], FactEvent | HeartbeatEvent | StoppingEvent]) -> None:
         """Number and send one event (any thread; the lock keeps seq order on the wire)."""
         with self._pub_lock:
+            if self._muted:
+                return
             seq = self._seq
             self._seq += 1  # a dropped event still uses its seq: that is how clients see a gap
             if self._pub is None:
@@ -424,6 +513,8 @@ class ExecutionServer:
                 self._pub.send(encode(make(seq)), zmq.NOBLOCK)
             except zmq.ZMQError as exc:
                 _log.warning("dropped event %s: %s", seq, exc)
+            except Exception:  # an event that cannot be encoded: a bug, not a reason to stop
+                _log.exception("could not publish event %s", seq)
 
     # --- requests -------------------------------------------------------------------
 
@@ -442,9 +533,14 @@ class ExecutionServer:
             )
         else:
             reply = self._answer(body[0])
+        try:
+            frame = encode(reply)
+        except Exception:  # a bug: the reply cannot be encoded; say so rather than nothing
+            _log.exception("could not encode the reply to %s", reply.id)
+            frame = encode(Reply(id=None, ok=False, error="internal server error: bad reply"))
         assert self._router is not None
         try:
-            self._router.send_multipart([*envelope, encode(reply)], zmq.NOBLOCK)
+            self._router.send_multipart([*envelope, frame], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # the peer is gone or not reading
             _log.info("could not reply to %s: %s", reply.id, exc)
 
@@ -453,6 +549,11 @@ class ExecutionServer:
             request = decode_request(frame, max_bytes=self._max_message_bytes)
         except WireError as exc:
             return Reply(id=exc.request_id, ok=False, error=str(exc))
+        except Exception as exc:  # a bug in decoding: this request fails, nothing else
+            _log.exception("decoding a request failed")
+            return Reply(
+                id=None, ok=False, error=f"internal server error: {type(exc).__name__}: {exc}"
+            )
         try:
             return self._handle(request)
         except EngineError as exc:
@@ -474,18 +575,13 @@ class ExecutionServer:
                 ok=True,
                 result={"server_id": self.server_id, "protocol": PROTOCOL_VERSION},
             )
-        if isinstance(request, CompileRequest):
-            engine.submit_compile_now(request.job_id, request.job)
-            return Reply(id=request.id, ok=True)
-        if isinstance(request, ExecuteRequest):
-            engine.submit_execution_now(request.execution_id, request.job, request.artifact_id)
-            return Reply(id=request.id, ok=True)
+        if isinstance(request, CompileRequest | ExecuteRequest):
+            return self._submit(engine, request)
         if isinstance(request, StatusRequest):
             facts = engine.status_now([_submission(s) for s in request.submissions])
             return Reply(id=request.id, ok=True, facts=tuple(facts))
         if isinstance(request, CancelRequest):
-            engine.cancel_now(_submission(request.submission))
-            return Reply(id=request.id, ok=True)
+            return self._cancel(engine, request)
         if isinstance(request, ServerInfoRequest):
             info = engine.info_now()
             info.update(self._info())
@@ -496,6 +592,61 @@ class ExecutionServer:
             self.stop("shutdown requested")
             return Reply(id=request.id, ok=True)
         raise AssertionError(f"unhandled request {request!r}")  # pragma: no cover
+
+    def _submit(self, engine: LocalEngine, request: CompileRequest | ExecuteRequest) -> Reply:
+        phase: Literal["compile", "execute"]
+        if isinstance(request, CompileRequest):
+            phase, submission_id = "compile", request.job_id
+        else:
+            phase, submission_id = "execute", request.execution_id
+        key: _Key = (phase, submission_id)
+        if engine.knows(phase, submission_id):
+            # Refused to the sender only: a rejected fact would tell the submission's
+            # real owner that *its* submission was refused.
+            return Reply(
+                id=request.id,
+                ok=False,
+                error=f"duplicate submission: this server already has {key[0]} {key[1]!r}",
+            )
+        with self._pub_lock:
+            self._owners[key] = request.session
+        try:
+            if isinstance(request, CompileRequest):
+                engine.submit_compile_now(request.job_id, request.job)
+            else:
+                engine.submit_execution_now(request.execution_id, request.job, request.artifact_id)
+        except BaseException:
+            with self._pub_lock:
+                self._owners.pop(key, None)
+            raise
+        return Reply(id=request.id, ok=True)
+
+    def _cancel(self, engine: LocalEngine, request: CancelRequest) -> Reply:
+        submission = request.submission
+        key = (submission.phase, submission.submission_id)
+        with self._pub_lock:
+            owner = self._owners.get(key)
+        if owner is None:
+            return Reply(id=request.id, ok=True)  # finished or unknown: nothing to cancel
+        allowed = (
+            request.session is not None
+            and hmac.compare_digest(request.session.encode(), owner.encode())
+        ) or (
+            request.token is not None
+            and hmac.compare_digest(request.token.encode(), self._token.encode())
+        )
+        if not allowed:
+            return Reply(
+                id=request.id,
+                ok=False,
+                error=(
+                    f"not cancelled: {submission.phase} {submission.submission_id!r} belongs to "
+                    "another session (a cancel needs the session that submitted it, or the "
+                    "server's token)"
+                ),
+            )
+        engine.cancel_now(_submission(submission))
+        return Reply(id=request.id, ok=True)
 
     def _info(self) -> dict[str, JsonValue]:
         record = self._record

@@ -17,15 +17,24 @@ Sockets:
   sequence number that increases by one per event, so a client detects a
   gap or a restarted server and reconciles with one ``status`` request.
   Heartbeats are events too, so a client notices a dead or frozen server
-  within a bounded time.
+  within a bounded time. The last event of a server is :class:`StoppingEvent`,
+  with the reason: its clients' work is lost, not cancelled.
+
+Every frame is decoded by :mod:`plateflow.core.decoding`, which bounds its
+size, nesting and integers and insists on strict UTF-8, so a decoded string
+can always be encoded again (into a reply, a log, a journal).
+
+Who may cancel: a ``compile`` or ``execute`` request carries the client's
+``session``, a secret the client chose; a ``cancel`` is carried out only for
+the session that submitted, or with the server's token.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, Final, Literal, TypeVar
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -36,8 +45,10 @@ from pydantic import (
     model_validator,
 )
 
+from plateflow.core.decoding import decode_object, first_error, try_validate_json
 from plateflow.core.facts import Fact
-from plateflow.jobs import CompileJob
+from plateflow.errors import DecodeError
+from plateflow.jobs import MAX_PLATE_ID_LENGTH, CompileJob
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -54,6 +65,7 @@ __all__ = [
     "ServerInfoRequest",
     "ShutdownRequest",
     "StatusRequest",
+    "StoppingEvent",
     "WireError",
     "WireSubmission",
     "decode_event",
@@ -62,32 +74,41 @@ __all__ = [
     "encode",
 ]
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
 """Frames larger than this (1 MiB) are refused before they are parsed."""
+MAX_ID_LENGTH: Final = MAX_PLATE_ID_LENGTH
+"""Plate ids, submission ids and artifact ids on the wire: at most this many characters."""
+MAX_REASON_LENGTH: Final = 2_000
+"""A :class:`StoppingEvent`'s reason is cut to this many characters."""
 
 
 _FROM_WIRE: Final[dict[str, bool]] = {"wire": True}
 """The validation context of a decoded frame (compared by identity)."""
 
 
-class WireError(ValueError):
-    """A frame that is not a valid message; the text says what was wrong, and where."""
+class WireError(DecodeError):
+    """A frame that is not a valid message; the text says what was wrong, and where.
+
+    ``request_id`` is the id of a request whose ``id`` could still be read, so
+    that the error reply can carry it (None: the reply's ``id`` is null).
+    """
 
     def __init__(self, message: str, *, request_id: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__("frame", message)
+        self.args = (message,)
         self.request_id = request_id
 
 
 class _Message(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    v: Literal[1] = PROTOCOL_VERSION
+    v: Literal[2] = PROTOCOL_VERSION
 
     @model_validator(mode="before")
     @classmethod
     def _version_on_the_wire(cls, data: Any, info: ValidationInfo) -> Any:
-        """Decoding a frame, ``v`` must be there and be the integer 1 (not true, not 1.0).
+        """Decoding a frame, ``v`` must be there and be the integer 2 (not 2.0).
 
         Built in code, a message may leave ``v`` to its default.
         """
@@ -103,9 +124,9 @@ class WireSubmission(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    plate_id: str = Field(min_length=1, max_length=512)
+    plate_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     phase: Literal["compile", "execute"]
-    submission_id: str = Field(min_length=1, max_length=512)
+    submission_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
 
 
 # --- requests (client -> server, on the control socket) -------------------------------
@@ -120,17 +141,36 @@ class PingRequest(_Request):
     type: Literal["ping"] = "ping"
 
 
+Session = Annotated[str, Field(min_length=16, max_length=128)]
+"""A client's secret for its submissions: who may cancel them (random, >= 96 bits)."""
+_Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
+
+
+def _fits_the_wire(job: CompileJob) -> CompileJob:
+    if len(job.plate_id) > MAX_ID_LENGTH:
+        raise ValueError(
+            f"plate_id of {len(job.plate_id)} characters; the limit is {MAX_ID_LENGTH}"
+        )
+    return job
+
+
+_Job = Annotated[CompileJob, AfterValidator(_fits_the_wire)]
+"""A :class:`CompileJob` whose plate id fits the wire."""
+
+
 class CompileRequest(_Request):
     type: Literal["compile"] = "compile"
-    job_id: str = Field(min_length=1, max_length=512)
-    job: CompileJob
+    session: Session
+    job_id: _Id
+    job: _Job
 
 
 class ExecuteRequest(_Request):
     type: Literal["execute"] = "execute"
-    execution_id: str = Field(min_length=1, max_length=512)
-    job: CompileJob
-    artifact_id: str = Field(min_length=1, max_length=512)
+    session: Session
+    execution_id: _Id
+    job: _Job
+    artifact_id: _Id
 
 
 class StatusRequest(_Request):
@@ -139,8 +179,12 @@ class StatusRequest(_Request):
 
 
 class CancelRequest(_Request):
+    """Cancel one submission: for the session that submitted it, or with the server's token."""
+
     type: Literal["cancel"] = "cancel"
     submission: WireSubmission
+    session: Session | None = None
+    token: str | None = Field(default=None, min_length=1, max_length=256)
 
 
 class ServerInfoRequest(_Request):
@@ -197,7 +241,14 @@ class HeartbeatEvent(_Event):
     interval: float = Field(gt=0)
 
 
-Event = Annotated[FactEvent | HeartbeatEvent, Field(discriminator="type")]
+class StoppingEvent(_Event):
+    """The server's last event: it is going away, and the work it still had is lost."""
+
+    type: Literal["stopping"] = "stopping"
+    reason: str = Field(max_length=MAX_REASON_LENGTH)
+
+
+Event = Annotated[FactEvent | HeartbeatEvent | StoppingEvent, Field(discriminator="type")]
 
 _REQUEST: TypeAdapter[Request] = TypeAdapter(Request)
 _EVENT: TypeAdapter[Event] = TypeAdapter(Event)
@@ -210,36 +261,34 @@ def encode(message: BaseModel) -> bytes:
     return message.model_dump_json().encode("utf-8")
 
 
-def _first_error(exc: ValidationError) -> str:
-    error = exc.errors()[0]
-    where = ".".join(str(part) for part in error["loc"]) or "message"
-    return f"{where}: {error['msg']}"
-
-
-def _check_frame(frame: bytes, max_bytes: int) -> dict[str, Any]:
-    if len(frame) > max_bytes:
-        raise WireError(f"message of {len(frame)} bytes exceeds the limit of {max_bytes}")
+def _object(frame: bytes, max_bytes: int) -> dict[str, Any]:
     try:
-        raw = json.loads(frame)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WireError(f"not a JSON document: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise WireError(f"expected a JSON object, got {type(raw).__name__}")
-    return raw
+        return decode_object(frame, max_bytes=max_bytes, what="frame")
+    except DecodeError as exc:
+        raise WireError(exc.reason) from None
 
 
 def _fast(adapter: TypeAdapter[_M], frame: bytes, max_bytes: int) -> _M | None:
     """The common case in one pass (pydantic parses the JSON); None means look closer.
 
-    The slow path below parses with :mod:`json` first so that what is wrong
-    with a bad frame can be said precisely; a good frame never needs it.
+    The slow path below decodes with :mod:`plateflow.core.decoding` first, so
+    that what is wrong with a bad frame can be said precisely; a good frame
+    never needs it.
     """
     if len(frame) > max_bytes:
-        raise WireError(f"message of {len(frame)} bytes exceeds the limit of {max_bytes}")
-    try:
-        return adapter.validate_json(frame, context=_FROM_WIRE)
-    except ValidationError:
-        return None
+        raise WireError(f"{len(frame)} bytes exceed the limit of {max_bytes}")
+    return try_validate_json(adapter, frame, context=_FROM_WIRE)
+
+
+def request_id_of(raw: dict[str, Any]) -> str | None:
+    """The ``id`` of a decoded request, if it is a valid one; None (a null reply id) if not."""
+    value = raw.get("id")
+    if isinstance(value, str) and 1 <= len(value) <= _ID_MAX:
+        return value
+    return None
+
+
+_ID_MAX: Final = 128
 
 
 def decode_request(frame: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Request:
@@ -247,38 +296,38 @@ def decode_request(frame: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) 
     request = _fast(_REQUEST, frame, max_bytes)
     if request is not None:
         return request
-    raw = _check_frame(frame, max_bytes)
-    request_id = raw.get("id") if isinstance(raw.get("id"), str) else None
+    raw = _object(frame, max_bytes)
+    request_id = request_id_of(raw)
     version = raw.get("v")
-    if type(version) is not int or version != PROTOCOL_VERSION:  # not True, not 1.0
+    if type(version) is not int or version != PROTOCOL_VERSION:  # not True, not 2.0
         raise WireError(
-            f"protocol version {version!r} is not supported (this server speaks "
+            f"protocol version {version!r:.40} is not supported (this server speaks "
             f"{PROTOCOL_VERSION})",
             request_id=request_id,
         )
     try:
-        return _REQUEST.validate_python(raw)
+        return _REQUEST.validate_python(raw, context=_FROM_WIRE)
     except ValidationError as exc:
-        raise WireError(f"invalid request: {_first_error(exc)}", request_id=request_id) from exc
+        raise WireError(f"invalid request: {first_error(exc)}", request_id=request_id) from exc
 
 
 def decode_reply(frame: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Reply:
     reply = _fast(_REPLY, frame, max_bytes)
     if reply is not None:
         return reply
-    raw = _check_frame(frame, max_bytes)
+    raw = _object(frame, max_bytes)
     try:
         return Reply.model_validate(raw, context=_FROM_WIRE)
     except ValidationError as exc:
-        raise WireError(f"invalid reply: {_first_error(exc)}") from exc
+        raise WireError(f"invalid reply: {first_error(exc)}") from exc
 
 
 def decode_event(frame: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Event:
     event = _fast(_EVENT, frame, max_bytes)
     if event is not None:
         return event
-    raw = _check_frame(frame, max_bytes)
+    raw = _object(frame, max_bytes)
     try:
         return _EVENT.validate_python(raw, context=_FROM_WIRE)
     except ValidationError as exc:
-        raise WireError(f"invalid event: {_first_error(exc)}") from exc
+        raise WireError(f"invalid event: {first_error(exc)}") from exc
