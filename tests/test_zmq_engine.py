@@ -63,10 +63,19 @@ from plateflow.engines.zmq.engine import (
 from plateflow.engines.zmq.rundir import ServerRecord
 from plateflow.engines.zmq.wire import (
     PROTOCOL_VERSION,
+    CancelRequest,
+    CompileRequest,
+    ExecuteRequest,
     FactEvent,
     HeartbeatEvent,
+    PingRequest,
     Reply,
     Request,
+    ShutdownRequest,
+    StoppingEvent,
+    WireSubmission,
+    decode_event,
+    decode_reply,
     decode_request,
     encode,
 )
@@ -790,6 +799,9 @@ class FakeServer:
         """Request types answered ``ok=false`` with this error."""
         self.status_facts: dict[str, Fact] = {}
         """What ``status`` says about a submission id (nothing when absent)."""
+        self.garbage: list[bytes] = []
+        """Frames sent on the control socket before every reply (a hostile server)."""
+        self._raw: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._requests: list[Request] = []
         self._outbox: queue.SimpleQueue[tuple[Fact | None, int, str | None]] = queue.SimpleQueue()
@@ -817,6 +829,10 @@ class FakeServer:
     def publish(self, fact: Fact, *, skip: int = 0) -> None:
         """Publish a fact event; ``skip`` events are 'dropped' before it (a gap)."""
         self._outbox.put((fact, skip, None))
+
+    def publish_raw(self, frame: bytes) -> None:
+        """Publish any bytes at all as an event (it uses up no sequence number)."""
+        self._raw.put(frame)
 
     def replace(self, server_id: str) -> None:
         """Carry on as a new server (what a restart at the same endpoints looks like)."""
@@ -850,7 +866,11 @@ class FakeServer:
                     identity, frame = router.recv_multipart()
                     reply = self._answer(decode_request(frame))
                     if reply is not None:
+                        for junk in self.garbage:
+                            router.send_multipart([identity, junk])
                         router.send_multipart([identity, encode(reply)])
+                while not self._raw.empty():
+                    pub.send(self._raw.get_nowait())
                 while True:
                     try:
                         fact, skip, new_id = self._outbox.get_nowait()
@@ -1257,3 +1277,334 @@ def test_a_burst_larger_than_the_socket_queue_waits_instead_of_failing(
 
     asyncio.run(asyncio.wait_for(scenario(), 4 * TIMEOUT))
     assert not any(isinstance(f, (CompileRejected, EngineLost)) for f in facts.all)
+
+
+# --- who may cancel, duplicates, and how a server's end is reported ------------------------
+
+
+def raw_call(record: ServerRecord, request: Any) -> Reply:
+    """One request on a throwaway DEALER (not an engine), its reply awaited (bounded)."""
+    context = zmq.Context()
+    dealer = context.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    try:
+        dealer.connect(record.control)
+        dealer.send(encode(request))
+        assert dealer.poll(int(TIMEOUT * 1000)), f"no reply to {request!r:.200}"
+        return decode_reply(dealer.recv())
+    finally:
+        dealer.close(0)
+        context.term()
+
+
+@pytest.mark.parametrize("how", ["sigterm", "shutdown"])
+def test_a_server_stopped_mid_batch_fails_every_plate_engine_lost_saying_why_never_cancelled(
+    how: str, rdir: Path, tmp_path: Path, plates: list[GeneratedPlate]
+) -> None:
+    """Its last event says it stopped, and why; the pool's cancellations are not published.
+
+    Before, the server's closing pool published ``*_cancelled`` for everything it
+    ran, and every plate ended ``cancelled`` / ``engine_cancelled``: the wrong
+    outcome, since nobody cancelled anything. A stop is seen at once, not after
+    the heartbeat timeout (10 s here).
+    """
+    host = Host()
+    with serve(rdir, tmp_path, "--workers", "4") as server, listening(rdir) as heard:
+        engine = ZmqEngine(rdir, start_server=False, heartbeat_timeout=10.0)
+        spy = Spy(engine)
+
+        def stop() -> None:
+            if how == "sigterm":
+                os.kill(server.pid, signal.SIGTERM)
+            else:  # another client with the token: the owner, or an admin
+                record = engine.record
+                assert record is not None
+                token = rundir.read_token(rdir)
+                assert raw_call(record, ShutdownRequest(id="admin-1", token=token)).ok
+
+        summary, applied = _lost_run(host, spy, plates, stop)
+        _check_lost(host, spy, summary, applied, 3.0)
+        reason = spy.facts.lost()[0][1].reason
+        expected = "SIGTERM" if how == "sigterm" else "shutdown requested"
+        assert f"stopped: {expected}" in reason, reason
+        cancelled = [f for f in spy.facts.all if f.kind.endswith("_cancelled")]
+        assert cancelled == [], "nobody cancelled: the engine must not say so"
+        assert Reason.ENGINE_CANCELLED not in summary.reasons
+        assert server.wait(TIMEOUT) == 0
+    # What any subscriber saw (not only a ZmqEngine, which stops listening once lost):
+    # the stopping event last, and no cancellation before or after it.
+    assert isinstance(heard[-1], StoppingEvent), heard[-3:]
+    assert heard[-1].reason == expected
+    assert not [e for e in heard if isinstance(e, FactEvent) and "cancelled" in e.fact.kind]
+
+
+@contextlib.contextmanager
+def listening(directory: Path) -> Iterator[list[Any]]:
+    """A raw SUB on a running server's events, read by a thread of its own from before the
+    body runs (a first event came) until after it (bounded in any case); what came after
+    a stopping event is kept, so that a test can say nothing did."""
+    record = rundir.read_record(directory)
+    assert record is not None
+    heard: list[Any] = []
+    subscribed = threading.Event()
+    ended: list[float] = []
+    """When the body was over (monotonic)."""
+
+    def read() -> None:
+        context = zmq.Context()
+        sub = context.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(record.events)
+        last = time.monotonic()
+        try:
+            deadline = time.monotonic() + 2 * TIMEOUT  # a whole scenario's bound
+            while time.monotonic() < deadline:
+                if not sub.poll(50):
+                    # The body is over: the last second was quiet after the stopping
+                    # event, or ten seconds passed without one (a loaded machine is slow).
+                    quiet = time.monotonic() - max(ended[0], last) if ended else 0.0
+                    stopped = any(isinstance(e, StoppingEvent) for e in heard)
+                    if quiet > (1.0 if stopped else 10.0):
+                        return
+                    continue
+                heard.append(decode_event(sub.recv()))
+                last = time.monotonic()
+                subscribed.set()
+        finally:
+            subscribed.set()
+            sub.close(0)
+            context.term()
+
+    reader = threading.Thread(target=read, name="listener")
+    reader.start()
+    try:
+        assert subscribed.wait(TIMEOUT), "no first event"
+        assert heard, "no first event"
+        yield heard
+    finally:
+        ended.append(time.monotonic())
+        reader.join(TIMEOUT + 10)
+
+
+def test_a_crash_in_the_client_io_thread_is_engine_lost_naming_the_crash(
+    rdir: Path, tmp_path: Path, plates: list[GeneratedPlate]
+) -> None:
+    """A bug in the client's I/O thread is reported (log, and the journal through the
+    EngineLost fact's reason) and the batch converges at once, not when a heartbeat
+    timeout (10 s here) finally notices nothing arrives any more."""
+    host = Host()
+    engine = engine_for(rdir, tmp_path, "--workers", "4", heartbeat_timeout=10.0)
+    spy = Spy(engine)
+
+    def plant() -> None:
+        def boom(event: object) -> None:
+            raise RuntimeError("planted fault")
+
+        engine._on_event = boom  # type: ignore[method-assign]  # the next event (a heartbeat)
+
+    summary, applied = _lost_run(host, spy, plates, plant)
+    _check_lost(host, spy, summary, applied, 3.0)
+    reason = spy.facts.lost()[0][1].reason
+    assert "the client I/O thread crashed: RuntimeError: planted fault" in reason
+    assert server_pids(rdir) == [], "close() still stopped the server it had started"
+
+
+def test_only_the_submitting_session_or_the_token_may_cancel_a_submission(
+    rdir: Path, tmp_path: Path, plates: list[GeneratedPlate]
+) -> None:
+    facts = Facts()
+    with serve(rdir, tmp_path, "--workers", "2"):
+        owner = ZmqEngine(rdir, start_server=False)
+        other = ZmqEngine(rdir, start_server=False)
+
+        async def scenario() -> None:
+            await owner.start(facts)
+            await other.start(Facts())
+            try:
+                await first_event(owner)
+                slow = compile_job(plates[0], demo_pipeline(pause_seconds=3.0))
+                artifact = await compile_ok(owner, facts, slow, "c0")
+                for sid in ("x0", "x1", "x2"):
+                    await owner.submit_execution(sid, slow, artifact)
+                await facts.wait("x0", ExecutionStarted)
+                await facts.wait("x1", ExecutionStarted)
+                record = owner.record
+                assert record is not None
+                target = WireSubmission(plate_id=slow.plate_id, phase="execute", submission_id="x0")
+                refused = raw_call(
+                    record, CancelRequest(id="r1", submission=target, session="s" * 32)
+                )
+                assert not refused.ok
+                assert "belongs to another session" in refused.error
+                anonymous = raw_call(record, CancelRequest(id="r2", submission=target))
+                assert not anonymous.ok
+                await other.cancel(Submission(slow.plate_id, "execute", "x0"))  # refused too
+                wrong_token = CancelRequest(id="r3", submission=target, token="x")
+                assert "belongs to another session" in raw_call(record, wrong_token).error
+                await owner.cancel(Submission(slow.plate_id, "execute", "x1"))  # its own
+                await facts.wait("x1", ExecutionCancelled)
+                token = rundir.read_token(rdir)
+                third = WireSubmission(plate_id=slow.plate_id, phase="execute", submission_id="x2")
+                assert raw_call(record, CancelRequest(id="r4", submission=third, token=token)).ok
+                await facts.wait("x2", ExecutionCancelled)
+                await facts.wait("x0", ExecutionSucceeded)
+            finally:
+                await other.close()
+                await owner.close()
+
+        run(scenario())
+    assert facts.kinds("x0")[-1] == "execution_succeeded", "neither stranger stopped it"
+    assert "execution_cancelled" not in facts.kinds("x0")
+
+
+def test_a_duplicate_submission_id_is_refused_to_its_sender_and_its_owner_hears_nothing(
+    rdir: Path, tmp_path: Path, plates: list[GeneratedPlate]
+) -> None:
+    """Before, the server's pool rejected the duplicate with a *broadcast* rejected
+    fact, which the submission's real owner took as the end of its own submission."""
+    facts = Facts()
+    with serve(rdir, tmp_path, "--workers", "2"):
+        owner = ZmqEngine(rdir, start_server=False)
+
+        async def scenario() -> None:
+            await owner.start(facts)
+            try:
+                await first_event(owner)
+                slow = compile_job(plates[0], demo_pipeline(pause_seconds=1.0))
+                artifact = await compile_ok(owner, facts, slow, "c0")
+                await owner.submit_execution("x0", slow, artifact)
+                await facts.wait("x0", ExecutionStarted)
+                record = owner.record
+                assert record is not None
+                again = ExecuteRequest(
+                    id="d1", session="d" * 32, execution_id="x0", job=slow, artifact_id=artifact
+                )
+                reply = raw_call(record, again)
+                assert not reply.ok
+                assert "duplicate submission" in reply.error
+                compile_again = CompileRequest(id="d2", session="d" * 32, job_id="c0", job=slow)
+                assert "duplicate submission" in raw_call(record, compile_again).error
+                await facts.wait("x0", ExecutionSucceeded)
+            finally:
+                await owner.close()
+
+        run(scenario())
+    assert "execution_rejected" not in facts.kinds("x0")
+    assert "compile_rejected" not in facts.kinds("c0")
+    assert facts.kinds("x0")[-1] == "execution_succeeded"
+
+
+def test_a_fault_answering_one_request_fails_that_request_only(plateflow_server: Any) -> None:
+    """On a server in this process, so a fault can be planted in it."""
+    server = plateflow_server.server
+    record = server.record
+    handle = server._handle
+
+    def faulty(request: Any) -> Reply:
+        if request.id == "doomed":
+            raise RuntimeError("planted fault")
+        reply: Reply = handle(request)
+        return reply
+
+    server._handle = faulty
+    reply = raw_call(record, PingRequest(id="doomed"))
+    assert (reply.ok, reply.id) == (False, "doomed")
+    assert reply.error == "internal server error: RuntimeError: planted fault"
+    assert raw_call(record, PingRequest(id="next")).ok
+    assert plateflow_server.running
+
+
+def test_the_server_loop_survives_a_fault_and_stops_saying_why_when_it_keeps_failing(
+    plateflow_server: Any,
+) -> None:
+    server = plateflow_server.server
+    record = server.record
+    on_message = server._on_message
+    faults = {"left": 3}
+
+    def flaky(frames: list[bytes]) -> None:
+        if faults["left"] > 0:
+            faults["left"] -= 1
+            raise RuntimeError("planted fault")
+        on_message(frames)
+
+    server._on_message = flaky
+    context = zmq.Context()
+    dealer = context.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    try:
+        dealer.connect(record.control)
+        for n in range(3):  # each one lost to a fault, in a turn of the loop of its own
+            dealer.send(encode(PingRequest(id=f"lost-{n}")))
+            assert not dealer.poll(300), "a request whose handling failed gets no reply"
+        dealer.send(encode(PingRequest(id="after")))
+        assert dealer.poll(int(TIMEOUT * 1000))
+        assert decode_reply(dealer.recv()).id == "after"
+    finally:
+        dealer.close(0)
+        context.term()
+    assert plateflow_server.running
+
+    facts = Facts()
+    engine = plateflow_server.engine(heartbeat_timeout=10.0)
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("planted for good")
+
+    async def scenario() -> None:
+        await engine.start(facts)
+        try:
+            await first_event(engine)
+            with listening(plateflow_server.runtime_dir) as heard:
+                server._turn = broken  # every turn from now on
+                await until(lambda: bool(facts.lost()), "EngineLost")
+            (lost,) = facts.lost()
+            assert "stopped: crashed: the server loop failed 50 times in a row" in lost[1].reason
+            assert "RuntimeError: planted for good" in lost[1].reason
+            assert isinstance(heard[-1], StoppingEvent)
+        finally:
+            await engine.close()
+
+    run(scenario())
+    deadline = time.monotonic() + TIMEOUT
+    while plateflow_server.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not plateflow_server.running, "the server gave up and stopped"
+
+
+HOSTILE_FRAMES = [
+    b'{"v":' + b"1" * 5000 + b"}",
+    b"[" * 100_000,
+    b'{"a":' * 50_000,
+    b'{"v":2,"id":"\\ud800","type":"reply","ok":true}',
+    b'\xef\xbb\xbf{"v":2,"id":"x","type":"reply","ok":true}',
+    '{"v":2,"id":"x","type":"reply","ok":true}'.encode("utf-16"),
+    b'{"v":2,"server_id":"fake-one","seq":1,"type":"heartbeat","interval":NaN}',
+    b"\xff\xfe\x00",
+    b"",
+]
+
+
+def test_hostile_events_and_replies_are_dropped_and_counted_and_nothing_stops(
+    rdir: Path,
+) -> None:
+    """The client's event and reply paths survive any frame a (broken) server sends."""
+
+    async def body(fake: FakeServer, engine: ZmqEngine, facts: Facts) -> None:
+        await first_event(engine)
+        for frame in HOSTILE_FRAMES:
+            fake.publish_raw(frame)
+        fake.garbage = HOSTILE_FRAMES
+        fake.status_facts["x"] = ExecutionSucceeded(plate_id="p", execution_id="x")
+        answer = await engine.status([Submission("p", "execute", "x")])
+        assert [f.kind for f in answer] == ["execution_succeeded"]
+        fake.publish(ExecutionStarted(plate_id="p", execution_id="y"))
+        await facts.wait("y", ExecutionStarted)
+        # One malformed count per hostile event and per hostile reply frame.
+        await until(lambda: engine.statistics().malformed >= 2 * len(HOSTILE_FRAMES), "every frame")
+        assert engine.statistics().broken is None
+        assert facts.lost() == []
+
+    facts = fake_run(rdir, body)
+    assert [f.kind for f in facts.all] == ["execution_started"]

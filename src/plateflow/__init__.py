@@ -20,6 +20,7 @@ from plateflow.core import (
 from plateflow.engines.base import Engine, EngineError, Submission
 from plateflow.errors import (
     ConvergenceViolation,
+    DecodeError,
     ErrorCode,
     InvalidTransition,
     JournalError,
@@ -58,6 +59,7 @@ __all__ = [
     "CompileFailurePolicy",
     "CompileJob",
     "ConvergenceViolation",
+    "DecodeError",
     "Engine",
     "EngineError",
     "ErrorCode",

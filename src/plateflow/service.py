@@ -98,6 +98,8 @@ def _selected(plates: Sequence[Plate]) -> list[str]:
             raise UsageError(
                 f"plates[{index}].plate_id is a {type(plate.plate_id).__name__}, not a string"
             )
+        if not plate.plate_id:
+            raise UsageError(f"plates[{index}].plate_id is empty; a plate needs an id")
         ids.append(plate.plate_id)
     if len(set(ids)) != len(ids):
         raise UsageError("a plate was selected twice; plate ids must be unique in a batch")

@@ -490,21 +490,30 @@ class ExecutionServer:
         self._publish(
             lambda seq: StoppingEvent(
                 server_id=self.server_id, seq=seq, reason=_cut(reason, MAX_REASON_LENGTH)
-            )
+            ),
+            last=True,
         )
-        with self._pub_lock:
-            self._muted = True
 
     def _wake(self) -> None:
         wakeup = self._wakeup
         if wakeup is not None:
             wakeup.wake()
 
-    def _publish(self, make: Callable[[int], FactEvent | HeartbeatEvent | StoppingEvent]) -> None:
-        """Number and send one event (any thread; the lock keeps seq order on the wire)."""
+    def _publish(
+        self,
+        make: Callable[[int], FactEvent | HeartbeatEvent | StoppingEvent],
+        *,
+        last: bool = False,
+    ) -> None:
+        """Number and send one event (any thread; the lock keeps seq order on the wire).
+
+        ``last``: nothing is published after this one (set under the same lock, so
+        that no fact from another thread slips in behind the stopping event).
+        """
         with self._pub_lock:
             if self._muted:
                 return
+            self._muted = last
             seq = self._seq
             self._seq += 1  # a dropped event still uses its seq: that is how clients see a gap
             if self._pub is None:

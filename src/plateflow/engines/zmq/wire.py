@@ -276,7 +276,7 @@ def _fast(adapter: TypeAdapter[_M], frame: bytes, max_bytes: int) -> _M | None:
     never needs it.
     """
     if len(frame) > max_bytes:
-        raise WireError(f"{len(frame)} bytes exceed the limit of {max_bytes}")
+        raise WireError(f"message of {len(frame)} bytes exceeds the limit of {max_bytes}")
     return try_validate_json(adapter, frame, context=_FROM_WIRE)
 
 
