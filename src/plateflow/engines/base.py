@@ -21,7 +21,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import JsonValue
 
@@ -29,16 +29,21 @@ from plateflow.core.facts import (
     CompileAccepted,
     CompileCancelled,
     CompileFailed,
+    CompileRejected,
+    CompileSucceeded,
     ExecutionAccepted,
     ExecutionCancelled,
     ExecutionFailed,
+    ExecutionRejected,
     ExecutionStarted,
+    ExecutionSucceeded,
     Fact,
 )
 from plateflow.errors import PlateflowError
 from plateflow.jobs import CompileJob
 
 __all__ = [
+    "TERMINAL_FACTS",
     "Engine",
     "EngineError",
     "FactSink",
@@ -46,6 +51,7 @@ __all__ = [
     "cancelled_fact",
     "failed_fact",
     "status_fact",
+    "submission_key",
 ]
 
 FactSink = Callable[[Fact], None]
@@ -63,6 +69,30 @@ class Submission:
     plate_id: str
     phase: Literal["compile", "execute"]
     submission_id: str
+
+
+TERMINAL_FACTS: Final = (
+    CompileSucceeded,
+    CompileFailed,
+    CompileRejected,
+    CompileCancelled,
+    ExecutionSucceeded,
+    ExecutionFailed,
+    ExecutionRejected,
+    ExecutionCancelled,
+)
+"""The fact types that end a submission: an engine pushes exactly one per submission."""
+
+
+def submission_key(fact: Fact) -> tuple[Literal["compile", "execute"], str] | None:
+    """``(phase, submission id)`` of a fact about a submission; None for any other fact."""
+    job_id = getattr(fact, "job_id", None)
+    if isinstance(job_id, str):
+        return ("compile", job_id)
+    execution_id = getattr(fact, "execution_id", None)
+    if isinstance(execution_id, str):
+        return ("execute", execution_id)
+    return None
 
 
 def status_fact(submission: Submission, *, terminal: Fact | None, started: bool) -> Fact:

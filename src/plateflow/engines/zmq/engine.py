@@ -73,24 +73,20 @@ from pydantic import BaseModel, JsonValue, ValidationError
 
 from plateflow.core.decoding import first_error
 from plateflow.core.facts import (
-    CompileCancelled,
-    CompileFailed,
     CompileRejected,
-    CompileSucceeded,
     EngineLost,
-    ExecutionCancelled,
-    ExecutionFailed,
     ExecutionRejected,
-    ExecutionSucceeded,
     Fact,
 )
 from plateflow.engines.base import (
+    TERMINAL_FACTS,
     Engine,
     EngineError,
     FactSink,
     Submission,
     cancelled_fact,
     failed_fact,
+    submission_key,
 )
 from plateflow.engines.zmq import rundir
 from plateflow.engines.zmq.rundir import ServerRecord
@@ -153,20 +149,9 @@ _DRAIN_BATCH: Final = 1_000
 """Frames read from one socket per wake-up before the other sockets get their turn."""
 _LOG_TAIL: Final = 2_000
 
-_TERMINAL: Final = (
-    CompileSucceeded,
-    CompileFailed,
-    CompileRejected,
-    CompileCancelled,
-    ExecutionSucceeded,
-    ExecutionFailed,
-    ExecutionRejected,
-    ExecutionCancelled,
-)
-
 _REPEATABLE: Final = frozenset({"compile_accepted", "execution_accepted", "execution_started"})
 """Kinds that carry nothing but the state: heard twice in a row, the second says nothing."""
-_Key = tuple[str, str]
+_Key = tuple[Literal["compile", "execute"], str]
 """(phase, submission id)."""
 _FORGOTTEN: Final = (
     "the zmq server no longer knows this submission, which it had accepted: it was "
@@ -237,16 +222,6 @@ class _Found:
     process: subprocess.Popen[bytes] | None = None
     token: str | None = None
     log_path: Path | None = None
-
-
-def _key_of(fact: Fact) -> _Key | None:
-    job_id = getattr(fact, "job_id", None)
-    if isinstance(job_id, str):
-        return ("compile", job_id)
-    execution_id = getattr(fact, "execution_id", None)
-    if isinstance(execution_id, str):
-        return ("execute", execution_id)
-    return None
 
 
 def _tail(path: Path | None) -> str:
@@ -520,7 +495,7 @@ class ZmqEngine(Engine):
             reply = await self._call(request, f"status of {len(chunk)} submissions")
             if not reply.ok:
                 raise EngineError(f"the zmq server refused a status request: {reply.error}")
-            known = {key for fact in reply.facts if (key := _key_of(fact)) is not None}
+            known = {key for fact in reply.facts if (key := submission_key(fact)) is not None}
             asked = [Submission(s.plate_id, s.phase, s.submission_id) for s in chunk]
             lost = self._forgotten(asked, known, mark)
             self._observe(reply.facts)
@@ -1014,9 +989,9 @@ class ZmqEngine(Engine):
 
     def _deliver(self, fact: Fact) -> bool:
         """Pass a fact on (I/O thread); False when it only repeated the last one."""
-        key = _key_of(fact)
+        key = submission_key(fact)
         if key is not None:
-            if isinstance(fact, _TERMINAL):
+            if isinstance(fact, TERMINAL_FACTS):
                 self._last_kind.pop(key, None)
             elif fact.kind in _REPEATABLE:
                 if self._last_kind.get(key) == fact.kind:
@@ -1080,7 +1055,7 @@ class ZmqEngine(Engine):
                 _log.warning("reconciliation failed (the status poller will retry): %s", why)
                 continue
             for fact in answer.facts:
-                key = _key_of(fact)
+                key = submission_key(fact)
                 if key is not None:
                     known.add(key)
                 if self._deliver(fact):
@@ -1389,7 +1364,11 @@ class ZmqEngine(Engine):
 
     def _observe(self, facts: Iterable[Fact]) -> None:
         """Forget submissions that reached a terminal fact."""
-        done = [key for fact in facts if isinstance(fact, _TERMINAL) and (key := _key_of(fact))]
+        done = [
+            key
+            for fact in facts
+            if isinstance(fact, TERMINAL_FACTS) and (key := submission_key(fact))
+        ]
         if done:
             with self._lock:
                 for key in done:

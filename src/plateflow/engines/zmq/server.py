@@ -65,7 +65,7 @@ from pydantic import JsonValue
 
 from plateflow.core.facts import Fact
 from plateflow.engines._wakeup import WakePipe
-from plateflow.engines.base import EngineError, Submission
+from plateflow.engines.base import TERMINAL_FACTS, EngineError, Submission, submission_key
 from plateflow.engines.local import DEFAULT_KEEP_FINISHED, LocalEngine
 from plateflow.engines.zmq import rundir
 from plateflow.engines.zmq.rundir import ServerRecord
@@ -111,30 +111,8 @@ _IPC_PATH_MAX: Final = 100
 """A little under the ``sun_path`` limit of Unix sockets (108 bytes on Linux)."""
 _LOOP_FAILURES: Final = 50
 """Turns of the loop in a row that may fail before the server gives up and stops."""
-_Key = tuple[str, str]
+_Key = tuple[Literal["compile", "execute"], str]
 """(phase, submission id)."""
-_TERMINAL_KINDS: Final = frozenset(
-    {
-        "compile_succeeded",
-        "compile_failed",
-        "compile_rejected",
-        "compile_cancelled",
-        "execution_succeeded",
-        "execution_failed",
-        "execution_rejected",
-        "execution_cancelled",
-    }
-)
-
-
-def _key_of(fact: Fact) -> _Key | None:
-    job_id = getattr(fact, "job_id", None)
-    if isinstance(job_id, str):
-        return ("compile", job_id)
-    execution_id = getattr(fact, "execution_id", None)
-    if isinstance(execution_id, str):
-        return ("execute", execution_id)
-    return None
 
 
 def _cut(text: str, limit: int) -> str:
@@ -480,7 +458,7 @@ class ExecutionServer:
 
     def _sink(self, fact: Fact) -> None:
         """The engine's fact sink: any thread; publishes at once, never blocks."""
-        if fact.kind in _TERMINAL_KINDS and (key := _key_of(fact)) is not None:
+        if isinstance(fact, TERMINAL_FACTS) and (key := submission_key(fact)) is not None:
             with self._pub_lock:
                 self._owners.pop(key, None)
         self._publish(lambda seq: FactEvent(server_id=self.server_id, seq=seq, fact=fact))
