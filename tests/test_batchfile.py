@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from plateflow import BatchMode, CompileFailurePolicy, UsageError
+from plateflow import BatchMode, CompileFailurePolicy, UsageError, batchfile
 from plateflow.batchfile import (
+    MAX_NESTING,
     BatchFile,
     BatchFileError,
     DaskEngineSettings,
@@ -24,6 +28,7 @@ from plateflow.batchfile import (
     parse_batch_file,
     render_batch_file,
 )
+from plateflow.cli import main
 from plateflow.engines.dask import DaskEngine
 from plateflow.engines.local import LocalEngine
 from plateflow.engines.zmq.engine import ZmqEngine
@@ -519,3 +524,333 @@ def test_a_rendered_batch_file_reads_back_equal(tmp_path: Path) -> None:
                 }
             )
         )
+
+
+# --- every input: a BatchFile or a BatchFileError naming the file -------------------------------
+#
+# A batch file is written by hand, generated, or hostile. parse_batch_file must return a
+# BatchFile or raise BatchFileError naming the source, whatever the text; load_batch_file
+# adds the file's bytes (size, UTF-8). Nothing else may escape: the CLI turns exactly
+# BatchFileError into "exit 2, one line".
+
+SOURCE = "hostile.toml"
+VALID = f'[[plates]]\nid = "a"\npath = "a.csv"\n{PIPELINE}'
+"""A batch file that parses (paths are only checked by load_batch_file)."""
+
+
+def _parsed(text: str) -> BatchFile | BatchFileError:
+    """What parse_batch_file made of ``text``: the file, or the error (checked for its form)."""
+    try:
+        return parse_batch_file(text, source=SOURCE)
+    except BatchFileError as exc:
+        error = exc
+    assert error.source == SOURCE
+    assert error.problems, "an error lists at least one problem"
+    assert str(error).startswith(f"{SOURCE}: ")
+    return error
+
+
+def _same(first: BatchFile | BatchFileError, second: BatchFile | BatchFileError) -> bool:
+    if isinstance(first, BatchFileError) and isinstance(second, BatchFileError):
+        return first.problems == second.problems
+    return first == second
+
+
+def _nest(form: str, depth: int) -> str:
+    """TOML whose document nests exactly ``depth`` tables and arrays (the root table is 1)."""
+    if form == "array":
+        return "x = " + "[" * (depth - 1) + "]" * (depth - 1) + "\n"
+    if form == "inline table":
+        return "x = " + "{ a = " * (depth - 1) + "1" + " }" * (depth - 1) + "\n"
+    if form == "dotted key":
+        return ".".join(["a"] * depth) + " = 1\n"
+    if form == "table header":
+        return "[" + ".".join(["a"] * (depth - 1)) + "]\n"
+    assert form == "array of tables"
+    return "[[" + ".".join(["a"] * (depth - 2)) + "]]\n"
+
+
+FORMS = ["array", "inline table", "dotted key", "table header", "array of tables"]
+NESTED = f"invalid TOML: nested deeper than {MAX_NESTING} tables and arrays"
+
+
+def _depth_of(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth_of(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth_of(v) for v in value), default=0)
+    return 0
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_the_nesting_helper_builds_what_it_says(form: str) -> None:
+    for depth in (3, 4, 5, 20):
+        assert _depth_of(tomllib.loads(_nest(form, depth))) == depth
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_nesting_of_max_nesting_is_allowed_and_one_more_refused(form: str) -> None:
+    """The root table counts as the first level; every way TOML nests is bounded alike."""
+    at_limit = _parsed(_nest(form, MAX_NESTING))
+    assert isinstance(at_limit, BatchFileError)  # x or a is no key of a batch file, but...
+    assert NESTED not in at_limit.problems  # ...the nesting itself was fine
+    beyond = _parsed(_nest(form, MAX_NESTING + 1))
+    assert isinstance(beyond, BatchFileError)
+    assert beyond.problems == (NESTED,)
+
+
+LONG_KEY = f"line 1: a dotted key of more than {MAX_NESTING} parts"
+"""Keys and headers are refused before tomllib, whose time is quadratic in their parts."""
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_nesting_far_beyond_the_bound_is_refused_the_same_way(form: str) -> None:
+    """tomllib recurses on arrays and inline tables: its RecursionError is said as nesting;
+    a dotted key or header that long is refused before tomllib sees it."""
+    refused = _parsed(_nest(form, 10_000))
+    assert isinstance(refused, BatchFileError)
+    assert refused.problems in ((NESTED,), (LONG_KEY,))
+
+
+def _with_param(value: str) -> str:
+    return VALID.replace('params = { method = "robust_z" }', f"params = {{ n = {value} }}")
+
+
+@pytest.mark.parametrize("sign", ["", "-", "+"])
+def test_an_integer_of_4300_digits_is_a_value_and_one_more_is_refused(sign: str) -> None:
+    """Python's int-to-str bound: every accepted number can be printed and sent again."""
+    ok = _parsed(_with_param(sign + "9" * 4300))
+    assert isinstance(ok, BatchFile), ok
+    assert ok.pipeline.steps[1].params == {"n": int(sign + "9" * 4300)}
+    refused = _parsed(_with_param(sign + "9" * 4301))
+    assert isinstance(refused, BatchFileError)
+    assert refused.problems == ("invalid TOML: an integer of more than 4300 digits",)
+    assert _same(refused, _parsed(f"name = {sign}{'9' * 5000}\n{VALID}"))
+
+
+@pytest.mark.parametrize("digits", ["0x" + "f" * 5000, "0o" + "7" * 6000, "0b" + "1" * 20_000])
+def test_a_huge_hex_octal_or_binary_parameter_is_refused(digits: str) -> None:
+    with pytest.raises(BatchFileError, match="digits"):
+        parse_batch_file(_with_param(digits), source=SOURCE)
+
+
+@pytest.mark.parametrize("field", ["name", "status_interval", "mode"])
+def test_a_huge_hex_integer_in_a_typed_field_is_a_batch_file_error(field: str) -> None:
+    with pytest.raises(BatchFileError):
+        parse_batch_file(f"{field} = 0x{'f' * 5000}\n{VALID}", source=SOURCE)
+
+
+_CONTROL = [chr(c) for c in [*range(0x20), 0x7F] if chr(c) not in "\t\n\r"]
+"""Control characters TOML refuses everywhere (CR only alone, as CRLF is a newline)."""
+
+
+@pytest.mark.parametrize("char", _CONTROL, ids=[f"U+{ord(c):04X}" for c in _CONTROL])
+def test_control_characters_and_nul_are_refused_naming_line_and_column(char: str) -> None:
+    for text, column in ((f'name = "a{char}"\n', 10), (f"# a{char}\n", 4), (f"x = 1{char}\n", 6)):
+        refused = _parsed(text + VALID)
+        assert isinstance(refused, BatchFileError), (char, text)
+        (problem,) = refused.problems
+        assert problem.startswith(f"line 1, column {column}: invalid TOML: "), problem
+        assert "\n" not in problem
+
+
+def test_a_carriage_return_is_only_allowed_before_a_line_feed() -> None:
+    assert isinstance(_parsed(VALID.replace("\n", "\r\n")), BatchFile)
+    for text in ('name = "a\r"\n', "# a\rb\n", "x = 1\ry = 2\n"):
+        refused = _parsed(text + VALID)
+        assert isinstance(refused, BatchFileError), text
+        assert refused.problems[0].startswith("line 1, column "), refused.problems
+
+
+@pytest.mark.parametrize("at", [0, 7, len(VALID) // 2, len(VALID)])
+def test_a_lone_surrogate_in_the_text_is_refused_naming_the_character(at: int) -> None:
+    refused = _parsed(VALID[:at] + "\udc80" + VALID[at:])
+    assert isinstance(refused, BatchFileError)
+    assert refused.problems == (f"not valid Unicode text: a lone surrogate at character {at}",)
+
+
+@pytest.mark.parametrize("escape", [r"\uD800", r"\uDFFF", r"\U0000DC00", r"\U00110000"])
+def test_an_escape_that_is_no_character_is_refused(escape: str) -> None:
+    refused = _parsed(f'name = "{escape}"\n{VALID}')
+    assert isinstance(refused, BatchFileError)
+    (problem,) = refused.problems
+    assert problem.startswith("line 1, column ")
+    assert problem.endswith("invalid TOML: Escaped character is not a Unicode scalar value")
+
+
+def test_a_leading_byte_order_mark_is_skipped_and_only_one() -> None:
+    assert _parsed("\ufeff" + VALID) == _parsed(VALID)
+    assert isinstance(_parsed(VALID), BatchFile)
+    assert isinstance(_parsed("\ufeff\ufeff" + VALID), BatchFileError)
+    assert isinstance(_parsed(VALID + "\ufeff"), BatchFileError)
+
+
+_TOML_SOUP = st.text(
+    st.sampled_from([*"[]{}=\"'.,#\n \t\r\\0123456789_+-:aefinotxuUzTZ", "\x00", "\ufeff"]),
+    max_size=80,
+)
+
+
+@given(st.text(st.characters(codec=None), max_size=80) | _TOML_SOUP)
+def test_any_text_parses_or_raises_batch_file_error(text: str) -> None:
+    """Random text, lone surrogates included, and TOML-looking soup."""
+    _parsed(text)
+
+
+@given(_TOML_SOUP | st.text(max_size=60))
+def test_a_byte_order_mark_changes_nothing(text: str) -> None:
+    """Whatever the text says, the same text after a BOM says the same (or fails the same)."""
+    if not text.startswith("\ufeff"):
+        assert _same(_parsed("\ufeff" + text), _parsed(text))
+
+
+@st.composite
+def _hostile_fragment(draw: st.DrawFn) -> str:
+    """One line (or a few) that no batch file may hold, wherever it is put."""
+    kind = draw(
+        st.sampled_from(["nest", "digits", "control", "surrogate", "escape", "bom", "number"])
+    )
+    if kind == "nest":
+        form = draw(st.sampled_from(FORMS[:3]))  # headers would swallow the keys after them
+        return _nest(form, draw(st.integers(2, 10_000)))
+    if kind == "digits":
+        sign = draw(st.sampled_from(["", "-", "+"]))
+        return f"x = {sign}{'9' * draw(st.integers(4290, 5000))}\n"
+    if kind == "control":
+        return f'x = "{draw(st.sampled_from(_CONTROL))}"\n'
+    if kind == "surrogate":
+        return f'x = "{draw(st.characters(categories=["Cs"]))}"\n'
+    if kind == "escape":
+        return f'x = "\\u{draw(st.integers(0xD800, 0xDFFF)):04X}"\n'
+    if kind == "bom":
+        return "\ufeff\ufeff\n"  # one is skipped at the start of the file, two never
+    return "x = " + draw(st.sampled_from(["1e999", "nan", "-inf", "1" + "0" * 5000 + ".5"])) + "\n"
+
+
+@given(_hostile_fragment(), st.data())
+def test_a_valid_file_with_a_hostile_line_spliced_in_is_refused(
+    fragment: str, data: st.DataObject
+) -> None:
+    """Spliced between any two lines of a valid file, top level or inside a table."""
+    lines = VALID.splitlines(keepends=True)
+    at = data.draw(st.integers(0, len(lines)), label="at")
+    refused = _parsed("".join([*lines[:at], fragment, *lines[at:]]))
+    assert isinstance(refused, BatchFileError)
+
+
+# --- load_batch_file: the bytes of the file ------------------------------------------------------
+
+
+def test_a_file_of_exactly_max_batch_file_bytes_loads_and_one_more_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _plates(tmp_path, "a.csv")
+    path = _write(tmp_path, VALID)
+    size = path.stat().st_size
+    monkeypatch.setattr(batchfile, "MAX_BATCH_FILE_BYTES", size)
+    assert load_batch_file(path).plates[0].plate_id == "a"
+    path.write_text(VALID + "#", encoding="utf-8")
+    error = _error(path)
+    assert error.problems == (f"larger than {size} bytes: not a batch file",)
+    assert str(error) == f"{path}: larger than {size} bytes: not a batch file"
+
+
+def test_a_leading_byte_order_mark_in_the_file_is_skipped(tmp_path: Path) -> None:
+    _plates(tmp_path, "a.csv")
+    plain = load_batch_file(_write(tmp_path, VALID, "plain.toml"))
+    marked = tmp_path / "marked.toml"
+    marked.write_bytes(b"\xef\xbb\xbf" + VALID.encode("utf-8"))
+    assert load_batch_file(marked).spec == plain.spec
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"\x80",
+        b"\xc0\xaf",
+        b"\xe0\x80\xaf",
+        b"\xed\xa0\x80",
+        b"\xf4\x90\x80\x80",
+        b"\xff",
+        b"\xfe",
+    ],
+    ids=["continuation", "overlong-2", "overlong-3", "surrogate", "beyond-unicode", "ff", "fe"],
+)
+def test_bytes_that_are_not_utf8_are_refused_naming_the_file_and_byte(
+    tmp_path: Path, bad: bytes
+) -> None:
+    path = tmp_path / "batch.toml"
+    path.write_bytes(b'name = "ab' + bad + b'"\n' + VALID.encode())
+    error = _error(path)
+    assert error.problems == ("not UTF-8 text (byte 10): a batch file is TOML, UTF-8",)
+    assert str(error).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize("codec", ["utf-16", "utf-16-le", "utf-32", "utf-32-be"])
+def test_a_file_in_utf16_or_utf32_is_refused_naming_the_file(tmp_path: Path, codec: str) -> None:
+    path = tmp_path / "batch.toml"
+    path.write_bytes(VALID.encode(codec))
+    error = _error(path)
+    assert len(error.problems) == 1
+    assert str(error).startswith(f"{path}: ")
+
+
+# --- plateflow run of a hostile batch file: exit 2, one line -----------------------------------
+
+
+def _run_hostile(
+    folder: Path, content: bytes, capsys: pytest.CaptureFixture[str]
+) -> tuple[Path, str]:
+    _plates(folder, "a.csv")
+    path = folder / "batch.toml"
+    path.write_bytes(content)
+    assert main(["run", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert not (folder / "output").exists(), "nothing ran, nothing was written"
+    return path, captured.err
+
+
+_HOSTILE_FILES = {
+    "deep-arrays": ("x = " + "[" * 10_000 + "]" * 10_000 + "\n" + VALID).encode(),
+    "deep-tables": ("x = " + "{a=" * 10_000 + "1" + "}" * 10_000 + "\n" + VALID).encode(),
+    "digits": f"name = {'9' * 5000}\n{VALID}".encode(),
+    "nul": b'name = "\x00"\n' + VALID.encode(),
+    "escape": b'name = "\\uD800"\n' + VALID.encode(),
+    "not-utf8": b'name = "\xed\xa0\x80"\n' + VALID.encode(),
+    "two-boms": "\ufeff\ufeff".encode() + VALID.encode(),
+    "utf-16": VALID.encode("utf-16"),
+}
+
+
+@pytest.mark.parametrize("content", list(_HOSTILE_FILES.values()), ids=list(_HOSTILE_FILES))
+def test_run_of_a_hostile_batch_file_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes
+) -> None:
+    path, err = _run_hostile(tmp_path, content, capsys)
+    assert err.startswith(f"plateflow: error: {path}: ")
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+
+
+def test_run_of_an_oversize_batch_file_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batchfile, "MAX_BATCH_FILE_BYTES", 64)
+    path, err = _run_hostile(tmp_path, VALID.encode(), capsys)
+    assert err == f"plateflow: error: {path}: larger than 64 bytes: not a batch file\n"
+
+
+def test_run_of_a_file_with_a_huge_hex_integer_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, err = _run_hostile(tmp_path, f"name = 0x{'f' * 5000}\n{VALID}".encode(), capsys)
+    assert err.startswith(f"plateflow: error: {path}: ")
+
+
+def test_run_of_a_file_with_a_newline_in_a_key_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, err = _run_hostile(tmp_path, f'"a\\nb" = 1\n{VALID}'.encode(), capsys)
+    assert err.startswith(f"plateflow: error: {path}: ")
+    assert len(err.splitlines()) == 1, err

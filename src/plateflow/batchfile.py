@@ -42,6 +42,7 @@ from pydantic import (
 )
 
 from plateflow.core import BatchMode, CompileFailurePolicy
+from plateflow.core.decoding import MAX_INT_DIGITS, one_line
 from plateflow.engines.base import Engine
 from plateflow.errors import UsageError
 from plateflow.pipeline import DEFAULT_ALLOWED_MODULES, PipelineSpec, StepSpec
@@ -84,6 +85,9 @@ MAX_BATCH_FILE_BYTES: Final = 16 << 20
 MAX_NESTING: Final = 64
 """Tables and arrays nested deeper than this are refused."""
 _BOM: Final = "\ufeff"
+_INT_BOUND: Final = 10**MAX_INT_DIGITS
+_QUOTED: Final = re.compile(r""""(?:[^"\\\n]|\\.)*"|'[^'\n]*'""")
+_DOTTED: Final = re.compile(r"[A-Za-z0-9_-]+(?:[ \t]*\.[ \t]*[A-Za-z0-9_-]+)*")
 
 Seconds = Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)]
 """A positive, finite number of seconds; a TOML string such as ``"2"`` is refused."""
@@ -432,6 +436,11 @@ def parse_batch_file(text: str, *, source: str | Path = "<batch file>") -> Batch
         raise BatchFileError(
             source, [f"not valid Unicode text: a lone surrogate at character {exc.start}"]
         ) from None
+    long_key = _long_dotted_key(text)
+    if long_key is not None:  # tomllib's time grows with the square of a key's parts
+        raise BatchFileError(
+            source, [f"line {long_key}: a dotted key of more than {MAX_NESTING} parts"]
+        )
     try:
         raw = tomllib.loads(text.removeprefix(_BOM))
     except RecursionError:
@@ -452,33 +461,55 @@ def parse_batch_file(text: str, *, source: str | Path = "<batch file>") -> Batch
         raise BatchFileError(
             source, ["invalid TOML: an integer of more than 4300 digits"]
         ) from None
-    if _depth(raw) > MAX_NESTING:
-        raise BatchFileError(
-            source, [f"invalid TOML: nested deeper than {MAX_NESTING} tables and arrays"]
-        )
+    problem = _beyond_bounds(raw)
+    if problem is not None:
+        raise BatchFileError(source, [f"invalid TOML: {problem}"])
     try:
         return BatchFile.model_validate(raw)
     except ValidationError as exc:
         raise BatchFileError(source, _problems(exc)) from None
 
 
-def _depth(value: object) -> int:
-    """How deeply tables and arrays nest in a parsed document (without recursion)."""
-    deepest = 0
+def _long_dotted_key(text: str) -> int | None:
+    """The number of the first line with a dotted key of more than :data:`MAX_NESTING`
+    parts (such a key would be refused for its nesting anyway), or None.
+
+    Linear in the text: only a line with that many dots is looked at closely,
+    with its quoted strings (whose dots are not a key's) taken out first.
+    """
+    for number, line in enumerate(text.split("\n"), start=1):
+        if line.count(".") <= MAX_NESTING:
+            continue
+        bare = _QUOTED.sub("q", line)
+        if any(chain.group().count(".") > MAX_NESTING for chain in _DOTTED.finditer(bare)):
+            return number
+    return None
+
+
+def _beyond_bounds(value: object) -> str | None:
+    """What in a parsed document breaks a bound (without recursion), or None.
+
+    Tables and arrays may nest :data:`MAX_NESTING` deep; an integer may have
+    4,300 digits (tomllib takes hexadecimal, octal and binary ones of any
+    length, which no error message could print).
+    """
     stack: list[tuple[object, int]] = [(value, 0)]
     while stack:
         item, level = stack.pop()
+        if isinstance(item, int) and not isinstance(item, bool):
+            if abs(item) >= _INT_BOUND:
+                return "an integer of more than 4300 digits"
+            continue
         if isinstance(item, dict):
             children: Iterable[object] = item.values()
         elif isinstance(item, list):
             children = item
         else:
             continue
-        deepest = max(deepest, level + 1)
-        if deepest > MAX_NESTING:
-            return deepest
+        if level + 1 > MAX_NESTING:
+            return f"nested deeper than {MAX_NESTING} tables and arrays"
         stack.extend((child, level + 1) for child in children)
-    return deepest
+    return None
 
 
 def load_batch_file(path: str | Path) -> LoadedBatch:
@@ -575,7 +606,7 @@ def _check_steps(spec: BatchFile, problems: list[str]) -> None:
 
 
 def _problems(exc: ValidationError) -> list[str]:
-    lines = [_problem(error) for error in exc.errors(include_url=False)]
+    lines = [one_line(_problem(error)) for error in exc.errors(include_url=False)]
     if len(lines) > _MAX_PROBLEMS:
         rest = len(lines) - _MAX_PROBLEMS
         lines = [*lines[:_MAX_PROBLEMS], f"... and {rest} more"]

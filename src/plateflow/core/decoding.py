@@ -24,12 +24,14 @@ say precisely what is wrong with it.
 
 A decoded ``str`` is always valid Unicode text (no lone surrogates), so it
 can be encoded again, written to a terminal or put in a reply. A number too
-large for a float becomes ``inf`` where free-form JSON is allowed; typed
-fields refuse it.
+large for a float becomes ``inf`` where free-form JSON is allowed; a field that
+must be finite (every float of the wire's messages, a journal record's time)
+refuses it.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Final, TypeVar
 
 from pydantic import JsonValue, TypeAdapter, ValidationError
@@ -43,18 +45,21 @@ __all__ = [
     "decode_json",
     "decode_object",
     "first_error",
+    "one_line",
     "try_validate_json",
     "valid_text",
     "validate_json",
 ]
 
-MAX_DEPTH: Final = 200
-"""Arrays and objects nested deeper than this are refused (the parser's fixed limit)."""
+MAX_DEPTH: Final = 201
+"""Arrays and objects nested deeper than this are refused (the parser's fixed limit:
+its recursion limit of 200 is reached by the 202nd level, as a test pins)."""
 MAX_INT_DIGITS: Final = 4300
 """Integers with more digits are refused: the parser's limit, and CPython's for
 ``int`` to ``str`` conversion, so every decoded integer can be printed again."""
 
 _BOM: Final = b"\xef\xbb\xbf"
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f]")
 _T = TypeVar("_T")
 
 
@@ -157,7 +162,17 @@ def first_error(exc: ValidationError) -> str:
     """The first of a ``ValidationError``'s errors in one line: ``where: what``."""
     error = exc.errors(include_url=False)[0]
     where = ".".join(str(part) for part in error["loc"]) or "message"
-    return f"{where}: {error['msg']}"
+    return one_line(f"{where}: {error['msg']}")
+
+
+def one_line(text: str) -> str:
+    """``text`` with every control character (a newline, an escape...) shown as its escape.
+
+    An error message quotes what it was given (a key, a tag); shown as is, a
+    newline in it would split the message and an escape sequence would
+    reach the terminal.
+    """
+    return _CONTROL.sub(lambda found: repr(found.group())[1:-1], text)
 
 
 def valid_text(text: str) -> str:

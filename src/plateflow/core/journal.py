@@ -25,7 +25,7 @@ from typing import IO, Any, NamedTuple
 
 from pydantic import ValidationError
 
-from plateflow.core.decoding import decode_object
+from plateflow.core.decoding import decode_object, one_line
 from plateflow.core.facts import Fact, fact_adapter
 from plateflow.core.tables import BatchMode, BatchState, CompileFailurePolicy, PlateState
 from plateflow.errors import DecodeError, JournalError
@@ -162,10 +162,10 @@ class Journal:
                     header = _header_from_json(raw, where)
                 else:
                     records.append(_record_from_json(raw, where))
-            except DecodeError as exc:
-                raise JournalError(str(exc)) from None
+            except (DecodeError, JournalError) as exc:  # one line, whatever the file quoted
+                raise JournalError(one_line(str(exc))) from None
             except (ValueError, TypeError, OverflowError) as exc:  # a value of the wrong kind
-                raise JournalError(f"{where}: {type(exc).__name__}: {exc}") from None
+                raise JournalError(one_line(f"{where}: {type(exc).__name__}: {exc}")) from None
         if header is None:
             raise JournalError(f"{source}: empty journal (no header line)")
         return cls(header, records)
