@@ -79,6 +79,8 @@ DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
 """Frames larger than this (1 MiB) are refused before they are parsed."""
 MAX_ID_LENGTH: Final = MAX_PLATE_ID_LENGTH
 """Plate ids, submission ids and artifact ids on the wire: at most this many characters."""
+MAX_REQUEST_ID_LENGTH: Final = 128
+"""A request's ``id`` (the correlation id): at most this many characters."""
 MAX_REASON_LENGTH: Final = 2_000
 """A :class:`StoppingEvent`'s reason is cut to this many characters."""
 
@@ -133,7 +135,7 @@ class WireSubmission(BaseModel):
 
 
 class _Request(_Message):
-    id: str = Field(min_length=1, max_length=128)
+    id: str = Field(min_length=1, max_length=MAX_REQUEST_ID_LENGTH)
     """The correlation id; the reply carries it back."""
 
 
@@ -280,15 +282,12 @@ def _fast(adapter: TypeAdapter[_M], frame: bytes, max_bytes: int) -> _M | None:
     return try_validate_json(adapter, frame, context=_FROM_WIRE)
 
 
-def request_id_of(raw: dict[str, Any]) -> str | None:
+def _request_id(raw: dict[str, Any]) -> str | None:
     """The ``id`` of a decoded request, if it is a valid one; None (a null reply id) if not."""
     value = raw.get("id")
-    if isinstance(value, str) and 1 <= len(value) <= _ID_MAX:
+    if isinstance(value, str) and 1 <= len(value) <= MAX_REQUEST_ID_LENGTH:
         return value
     return None
-
-
-_ID_MAX: Final = 128
 
 
 def decode_request(frame: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Request:
@@ -297,7 +296,7 @@ def decode_request(frame: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) 
     if request is not None:
         return request
     raw = _object(frame, max_bytes)
-    request_id = request_id_of(raw)
+    request_id = _request_id(raw)
     version = raw.get("v")
     if type(version) is not int or version != PROTOCOL_VERSION:  # not True, not 2.0
         raise WireError(
