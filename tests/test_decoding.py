@@ -70,16 +70,12 @@ def accepted(data: bytes | str, *, max_bytes: int = LIMIT) -> JsonValue:
     return decode_json(data, max_bytes=max_bytes, what=WHAT)
 
 
-def nested(kind: str, depth: int) -> bytes:
-    """A document of exactly ``depth`` nested arrays, objects, or both alternating."""
-    if kind == "array":
-        return b"[" * depth + b"]" * depth
-    if kind == "object":
-        return b'{"k":' * (depth - 1) + b"{}" + b"}" * (depth - 1)
-    opening = [b"[" if level % 2 == 0 else b'{"k":' for level in range(depth)]
-    closing = [b"]" if level % 2 == 0 else b"}" for level in reversed(range(depth))]
-    innermost = b"[]" if depth % 2 == 1 else b"{}"
-    return b"".join(opening[:-1]) + innermost + b"".join(closing[1:])
+def nested(kind: str, depth: int, innermost: bytes = b"0") -> bytes:
+    """``innermost`` inside exactly ``depth`` arrays, objects, or both alternating."""
+    opening = [b"[" if kind == "array" or (kind == "mixed" and level % 2 == 0) else b'{"k":'
+               for level in range(depth)]  # fmt: skip
+    closing = [b"]" if o == b"[" else b"}" for o in reversed(opening)]
+    return b"".join(opening) + innermost + b"".join(closing)
 
 
 def depth_of(value: JsonValue) -> int:
@@ -109,6 +105,13 @@ def test_the_nesting_helper_builds_what_it_says(kind: str) -> None:
     """The depth tests below are only as good as the documents they build."""
     for depth in (1, 2, 3, 10):
         assert depth_of(accepted(nested(kind, depth))) == depth
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_empty_container_counts_as_a_value_inside_max_depth(kind: str) -> None:
+    """The parser's rule: what it bounds is how many containers a value sits in."""
+    assert depth_of(accepted(nested(kind, MAX_DEPTH, b"[]"))) == MAX_DEPTH + 1
+    assert "nested deeper than" in refused(nested(kind, MAX_DEPTH + 1, b"[]"))
 
 
 @pytest.mark.parametrize("kind", KINDS)

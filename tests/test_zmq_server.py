@@ -26,8 +26,7 @@ from typing import Any
 
 import pytest
 import zmq
-from hypothesis import HealthCheck, assume, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings
 from pydantic import BaseModel
 
 from plateflow.cli import main
@@ -59,15 +58,16 @@ from plateflow.engines.zmq.wire import (
     ServerInfoRequest,
     ShutdownRequest,
     StatusRequest,
-    WireError,
     WireSubmission,
     decode_event,
     decode_reply,
-    decode_request,
     encode,
 )
 from plateflow.examples.platereader import demo_pipeline, generate_plates
 from plateflow.jobs import CompileJob
+from wire_frames import JOB as _JOB
+from wire_frames import expected_error as _expected_error
+from wire_frames import messages as _messages
 
 TIMEOUT = 20.0
 """The longest any single wait may take before the test fails."""
@@ -506,113 +506,7 @@ def test_a_second_server_on_the_same_runtime_dir_refuses_to_start(server: Server
 
 # --- bad input, with Hypothesis ------------------------------------------------------------
 
-_JOB = CompileJob(plate_id="p", plate_path="/nonexistent", pipeline=demo_pipeline())
-_SUBMISSION = WireSubmission(plate_id="p", phase="execute", submission_id="x")
-_SESSION = "fuzz-session-0000"
-_VALID: list[BaseModel] = [
-    PingRequest(id="a"),
-    CompileRequest(id="b", session=_SESSION, job_id="j", job=_JOB),
-    ExecuteRequest(id="c", session=_SESSION, execution_id="e", job=_JOB, artifact_id="f"),
-    StatusRequest(id="d", submissions=(_SUBMISSION,)),
-    CancelRequest(id="e", submission=_SUBMISSION, session=_SESSION),
-    ServerInfoRequest(id="f"),
-    ShutdownRequest(id="g", token="not-the-token"),
-]
-_json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
-_wrong_values = (
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats()
-    | st.just("")
-    | st.text(min_size=600, max_size=700)
-    | st.lists(st.integers(), max_size=3)
-    | st.dictionaries(st.text(max_size=5), st.integers(), max_size=3)
-)
-
-
-@st.composite
-def _templates(draw: st.DrawFn) -> dict[str, Any]:
-    return dict(json.loads(encode(draw(st.sampled_from(_VALID)))))
-
-
-@st.composite
-def _wrong_field(draw: st.DrawFn) -> bytes:
-    raw = draw(_templates())
-    key = draw(st.sampled_from(sorted(raw)))
-    raw[key] = draw(_wrong_values)
-    return json.dumps(raw).encode()
-
-
-@st.composite
-def _missing_field(draw: st.DrawFn) -> bytes:
-    raw = draw(_templates())
-    del raw[draw(st.sampled_from(sorted(raw)))]
-    return json.dumps(raw).encode()
-
-
-@st.composite
-def _extra_field(draw: st.DrawFn) -> bytes:
-    raw = draw(_templates())
-    raw[draw(st.text(min_size=1, max_size=8).filter(lambda k: k not in raw))] = draw(_json_values)
-    return json.dumps(raw).encode()
-
-
-@st.composite
-def _unknown_type(draw: st.DrawFn) -> bytes:
-    raw = draw(_templates())
-    known = {"ping", "compile", "execute", "status", "cancel", "server_info", "shutdown"}
-    raw["type"] = draw(st.text(max_size=12).filter(lambda t: t not in known))
-    return json.dumps(raw).encode()
-
-
-@st.composite
-def _wrong_version(draw: st.DrawFn) -> bytes:
-    raw = draw(_templates())
-    raw["v"] = draw(_json_values.filter(lambda v: v != PROTOCOL_VERSION))
-    return json.dumps(raw).encode()
-
-
-@st.composite
-def _oversized(draw: st.DrawFn) -> bytes:
-    size = draw(st.integers(DEFAULT_MAX_MESSAGE_BYTES + 1, DEFAULT_MAX_MESSAGE_BYTES + 4096))
-    return json.dumps(
-        {"v": PROTOCOL_VERSION, "id": "big", "type": "ping", "pad": " " * size}
-    ).encode()[:size]
-
-
-_frames = st.one_of(
-    st.binary(max_size=300),
-    st.text(max_size=100).map(str.encode),
-    _json_values.map(lambda v: json.dumps(v).encode()),
-    _wrong_field(),
-    _missing_field(),
-    _extra_field(),
-    _unknown_type(),
-    _wrong_version(),
-    _oversized(),
-)
-_messages = _frames.map(lambda f: [f]) | st.lists(_frames, min_size=2, max_size=3)
-
-
-def _expected_error(frames: list[bytes]) -> tuple[str | None, str]:
-    """The (id, error) the server must answer with; ``assume`` away any valid request."""
-    if len(frames) == 2 and frames[0] == b"":
-        frames = frames[1:]
-    if len(frames) != 1:
-        return None, f"expected one frame per request, got {len(frames)}"
-    try:
-        decode_request(frames[0])
-    except WireError as exc:
-        return exc.request_id, str(exc)
-    assume(False)  # a valid request is not bad input
-    raise AssertionError("unreachable")
+# The strategies of bad frames live in wire_frames.py (the fuzz test and benchmark use them).
 
 
 def test_bad_input_gets_an_error_reply_and_changes_nothing(

@@ -10,7 +10,7 @@ wrong and where, when it is:
 - larger than the caller's ``max_bytes`` (checked before anything is parsed);
 - not strict UTF-8: a byte-order mark, an invalid or overlong sequence, an
   encoded surrogate, or an escape (``\\ud800``) that is half a surrogate pair;
-- nested deeper than :data:`MAX_DEPTH` arrays and objects;
+- nested deeper than :data:`MAX_DEPTH` arrays and objects around a value;
 - an integer of more than :data:`MAX_INT_DIGITS` digits;
 - not JSON as RFC 8259 says: ``NaN``, ``Infinity``, a trailing comma, a
   control character inside a string, anything after the value.
@@ -51,9 +51,9 @@ __all__ = [
     "validate_json",
 ]
 
-MAX_DEPTH: Final = 201
-"""Arrays and objects nested deeper than this are refused (the parser's fixed limit:
-its recursion limit of 200 is reached by the 202nd level, as a test pins)."""
+MAX_DEPTH: Final = 200
+"""A value may sit inside at most this many arrays and objects (an empty array or
+object counts as a value): the parser's fixed limit, which a test pins."""
 MAX_INT_DIGITS: Final = 4300
 """Integers with more digits are refused: the parser's limit, and CPython's for
 ``int`` to ``str`` conversion, so every decoded integer can be printed again."""
