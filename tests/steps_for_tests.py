@@ -80,3 +80,14 @@ def stubborn(data: object, ctx: StepContext, timeout: float = 30.0) -> object:
     while time.monotonic() < deadline:
         time.sleep(_TICK)
     return data
+
+
+def undecodable(data: object, ctx: StepContext, what: str = "error") -> object:
+    """Text with a lone surrogate, as a file name that is not UTF-8 decodes to."""
+    name = b"plate-\xff.csv".decode("utf-8", "surrogateescape")
+    if what == "progress":
+        ctx.progress(1, 2, f"reading {name}")
+        return {"done": True}
+    if what == "result":
+        return {"file": name}
+    raise FileNotFoundError(f"no such file: {name}")

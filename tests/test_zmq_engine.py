@@ -36,7 +36,7 @@ import pytest
 import zmq
 from pydantic import JsonValue
 
-from plateflow.core import BatchState, BatchSummary, PlateOutcome, PlateState, Reason
+from plateflow.core import BatchState, BatchSummary, Journal, PlateOutcome, PlateState, Reason
 from plateflow.core.facts import (
     CompileAccepted,
     CompileFailed,
@@ -1608,3 +1608,57 @@ def test_hostile_events_and_replies_are_dropped_and_counted_and_nothing_stops(
 
     facts = fake_run(rdir, body)
     assert [f.kind for f in facts.all] == ["execution_started"]
+
+
+def test_text_that_is_not_unicode_crosses_the_wire_visibly_and_a_result_of_it_fails_clearly(
+    rdir: Path, tmp_path: Path, plates: list[GeneratedPlate], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step's error or progress naming a file whose name is not UTF-8 holds a lone
+    surrogate. Before, such a fact could not be encoded: the server dropped it (the
+    plate waited) and a journal of it could not be read back. Now the text shows a
+    visible escape, and a *result* holding one fails its plate saying why."""
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))
+    )
+    host = Host()
+    engine = engine_for(rdir, tmp_path, "--workers", "3", "--allow", "steps_for_tests")
+    wanted = {"error": plates[0], "progress": plates[1], "result": plates[2]}
+
+    def selected(what: str) -> Plate:
+        step = StepSpec(function="steps_for_tests:undecodable", params={"what": what})
+        pipeline = PipelineSpec(name=what, steps=(step,))
+        return Plate(wanted[what].plate_id, str(wanted[what].path), pipeline=pipeline)
+
+    journals: list[Journal] = []
+
+    async def scenario() -> BatchSummary:
+        service = BatchWorkflowService(host, engine, status_interval=0.2)
+        try:
+            return await service.run_plates(
+                [selected(what) for what in wanted], pipeline=demo_pipeline()
+            )
+        finally:
+            if service.batch is not None:
+                journals.append(service.batch.journal)
+            await service.close()
+
+    summary = run(scenario())
+    outcome = {s.plate_id: (s.outcome, s.reason) for s in summary.plates}
+    assert outcome == {
+        plates[0].plate_id: (PlateOutcome.FAILED, Reason.EXECUTION_FAILED),
+        plates[1].plate_id: (PlateOutcome.COMPLETED, Reason.SUCCEEDED),
+        plates[2].plate_id: (PlateOutcome.FAILED, Reason.EXECUTION_FAILED),
+    }
+    errors = {
+        plate: str(result.get("error"))
+        for plate, _, result in host.completed
+        if isinstance(result, dict)
+    }
+    assert "no such file: plate-\\udcff.csv" in errors[plates[0].plate_id]
+    assert "cannot carry" in errors[plates[2].plate_id]
+    assert "lone surrogate" in errors[plates[2].plate_id]
+    progress = [r.fact.message for r in journals[0] if isinstance(r.fact, ExecutionProgress)]
+    assert "reading plate-\\udcff.csv" in progress
+    saved = tmp_path / "journal.jsonl"
+    journals[0].save(saved)
+    assert len(Journal.load(saved)) == len(journals[0]), "the journal reads back whole"
