@@ -39,7 +39,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +59,7 @@ from wire_frames import (  # noqa: E402
     COUNTERS,
     HOSTILE_MESSAGES,
     FrameFuzzer,
+    FuzzStats,
     ServerGone,
     describe,
 )
@@ -97,18 +97,14 @@ class Tally:
     """Everything counted over the run, across servers if one crashed."""
 
     frames: int = 0
-    zmq_frames: int = 0
-    bytes_sent: int = 0
-    pings: int = 0
-    dropped: int = 0
-    fresh_sockets: int = 0
+    sent: FuzzStats = field(default_factory=FuzzStats)
+    """What every fuzzer sent and saw (each one counts into it)."""
     wrong_replies: int = 0
     fact_events: int = 0
     counter_changes: int = 0
     event_problems: int = 0
     server_crashes: int = 0
     examples: int = 0
-    kinds: Counter[str] = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)
     rss_mb: dict[int, float | None] = field(default_factory=dict)
 
@@ -151,8 +147,6 @@ def drive(fuzzer: FrameFuzzer, server: Server, tally: Tally, budget: int, run_se
                 gone.append(frames)
                 raise Crashed from None
             tally.frames += 1
-            tally.kinds.update(fuzzer.stats.kinds)
-            fuzzer.stats.kinds.clear()
             if fuzzer.stats.wrong > before:
                 tally.wrong_replies += 1
                 tally.note(problems)
@@ -179,14 +173,6 @@ def drive(fuzzer: FrameFuzzer, server: Server, tally: Tally, budget: int, run_se
     except Crashed:
         tally.server_crashes += 1
         tally.note([f"the server exited after {describe(gone[0]) if gone else 'a message'}"])
-    finally:
-        stats = fuzzer.stats
-        tally.zmq_frames += stats.parts
-        tally.bytes_sent += stats.bytes
-        tally.pings += stats.pings
-        tally.dropped += stats.dropped
-        tally.fresh_sockets += stats.fresh_sockets
-        stats.parts = stats.bytes = stats.pings = stats.dropped = stats.fresh_sockets = 0
 
 
 def run(frames: int, run_seed: int) -> dict[str, Any]:
@@ -207,7 +193,9 @@ def run(frames: int, run_seed: int) -> dict[str, Any]:
             args = (*SERVER_ARGS, "--output-dir", str(out))
             with serving(tmp / f"run{servers}", *args) as server:
                 pid = server.process.pid
-                fuzzer = FrameFuzzer(context, server.record, alive=running(server))
+                fuzzer = FrameFuzzer(
+                    context, server.record, alive=running(server), stats=tally.sent
+                )
                 try:
                     fuzzer.wait_subscribed()
                     fuzzer.facts.clear()
@@ -256,12 +244,12 @@ def run(frames: int, run_seed: int) -> dict[str, Any]:
         "rss_peak_mb": rss_peak,
         "rss_mb_every_10000": {str(k): v for k, v in tally.rss_mb.items()},
         "client_rss_peak_mb": mb(status_kib("VmHWM", os.getpid())),
-        "zmq_frames": tally.zmq_frames,
-        "bytes_sent": tally.bytes_sent,
-        "pings": tally.pings,
-        "dropped_by_libzmq": tally.dropped,
-        "fresh_sockets": tally.fresh_sockets,
-        "kinds": dict(tally.kinds.most_common()),
+        "zmq_frames": tally.sent.parts,
+        "bytes_sent": tally.sent.bytes,
+        "pings": tally.sent.pings,
+        "dropped_by_libzmq": tally.sent.dropped,
+        "fresh_sockets": tally.sent.fresh_sockets,
+        "kinds": dict(tally.sent.kinds.most_common()),
         "config": {
             "seed": run_seed,
             "messages_per_example": PER_EXAMPLE,

@@ -37,7 +37,7 @@ from plateflow.core.facts import (
     ExecutionSucceeded,
     Fact,
 )
-from plateflow.engines.base import EngineError, Submission
+from plateflow.engines.base import TERMINAL_FACTS, EngineError, Submission
 from plateflow.engines.local import LocalEngine
 from plateflow.jobs import CompileJob
 from plateflow.pipeline.run import fingerprint
@@ -45,16 +45,6 @@ from plateflow.pipeline.spec import PipelineSpec, StepSpec
 
 ALLOWED = ("steps_for_tests",)
 TIMEOUT = 15.0
-TERMINAL = (
-    CompileSucceeded,
-    CompileFailed,
-    CompileRejected,
-    CompileCancelled,
-    ExecutionSucceeded,
-    ExecutionFailed,
-    ExecutionRejected,
-    ExecutionCancelled,
-)
 
 
 # --- helpers ---------------------------------------------------------------------
@@ -94,10 +84,10 @@ class Facts:
 
     def terminal(self, sid: str) -> Fact:
         self.wait_for(
-            lambda fs: any(_sid(f) == sid and isinstance(f, TERMINAL) for f in fs),
+            lambda fs: any(_sid(f) == sid and isinstance(f, TERMINAL_FACTS) for f in fs),
             f"a terminal fact for {sid}",
         )
-        (fact,) = [f for f in self.of(sid) if isinstance(f, TERMINAL)]
+        (fact,) = [f for f in self.of(sid) if isinstance(f, TERMINAL_FACTS)]
         return fact
 
     def pid(self, sid: str) -> int:
@@ -295,7 +285,7 @@ def test_sigkill_fails_one_execution_while_a_concurrent_one_succeeds(tmp_path: P
         assert isinstance(fact, ExecutionFailed)
         assert fact.exit_code == -signal.SIGKILL
         assert "killed by SIGKILL" in fact.error
-        assert not any(isinstance(f, TERMINAL) for f in facts.of(other))
+        assert not any(isinstance(f, TERMINAL_FACTS) for f in facts.of(other))
 
         gate.touch()
         assert isinstance(facts.terminal(other), ExecutionSucceeded)
@@ -323,7 +313,7 @@ def test_cancel_stops_only_that_one_of_several_running(tmp_path: Path) -> None:
         assert isinstance(running, list)
         assert {r["submission_id"] for r in running if isinstance(r, dict)} == {ids[0], ids[2]}
         for xid in (ids[0], ids[2]):
-            assert not any(isinstance(f, TERMINAL) for f in facts.of(xid))
+            assert not any(isinstance(f, TERMINAL_FACTS) for f in facts.of(xid))
             assert not pid_gone(seen[xid])
 
     facts = run(body, tmp_path, max_workers=3)

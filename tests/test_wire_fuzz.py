@@ -38,7 +38,6 @@ from plateflow.core.facts import (
     Fact,
 )
 from plateflow.engines.zmq.wire import FactEvent, PingRequest, encode
-from plateflow.examples.platereader import demo_pipeline, generate_plates
 from plateflow.jobs import CompileJob
 from plateflow.testing.plugin import PROFILE_ENV
 from test_zmq_server import Client, Server, serving
@@ -82,12 +81,7 @@ def fuzz_plan() -> FuzzPlan:
     return FuzzPlan(examples, shortest, shortest + shortest // 4 + 2)
 
 
-# --- the server, a plate, a context ------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def work_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("fuzz")
+# --- the server (``work_dir``, ``plate`` and ``context`` are test_zmq_server's) -----------
 
 
 @pytest.fixture(scope="module")
@@ -98,21 +92,6 @@ def server(work_dir: Path) -> Iterator[Server]:
     with serving(work_dir / "run", *args) as running:
         yield running
     assert running.process.returncode == 0, running.log.read_text()
-
-
-@pytest.fixture(scope="module")
-def plate(work_dir: Path) -> CompileJob:
-    (generated,) = generate_plates(work_dir / "plates", 1, seed=5, wells=96)
-    return CompileJob(
-        plate_id=generated.plate_id, plate_path=str(generated.path), pipeline=demo_pipeline()
-    )
-
-
-@pytest.fixture
-def context() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
-    ctx = zmq.Context()
-    yield ctx
-    ctx.term()
 
 
 def _counters(client: Client) -> dict[str, Any]:

@@ -63,7 +63,7 @@ from plateflow.engines.zmq.wire import (
     decode_reply,
     encode,
 )
-from plateflow.examples.platereader import demo_pipeline, generate_plates
+from plateflow.examples.platereader import demo_pipeline
 from plateflow.jobs import CompileJob
 from wire_frames import JOB as _JOB
 from wire_frames import expected_error as _expected_error
@@ -270,11 +270,6 @@ def serving(runtime_dir: Path, *args: str) -> Iterator[Server]:
 
 
 @pytest.fixture(scope="module")
-def work_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("zmq")
-
-
-@pytest.fixture(scope="module")
 def server(work_dir: Path) -> Iterator[Server]:
     out = work_dir / "reports"
     out.mkdir()
@@ -282,21 +277,6 @@ def server(work_dir: Path) -> Iterator[Server]:
     with serving(work_dir / "run", *args) as running:
         yield running
     assert running.process.returncode == 0, running.log.read_text()
-
-
-@pytest.fixture(scope="module")
-def plate(work_dir: Path) -> CompileJob:
-    (generated,) = generate_plates(work_dir / "plates", 1, seed=3, wells=96)
-    return CompileJob(
-        plate_id=generated.plate_id, plate_path=str(generated.path), pipeline=demo_pipeline()
-    )
-
-
-@pytest.fixture
-def context() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
-    ctx = zmq.Context()
-    yield ctx
-    ctx.term()
 
 
 @pytest.fixture

@@ -901,12 +901,14 @@ class FrameFuzzer:
         *,
         alive: Callable[[], bool] = lambda: True,
         timeout: float = TIMEOUT,
+        stats: FuzzStats | None = None,
     ) -> None:
         self._context = context
         self._record = record
         self._alive = alive
         self.timeout = timeout
-        self.stats = FuzzStats()
+        self.stats = FuzzStats() if stats is None else stats
+        """What was sent and seen; pass one in to count across fuzzers (servers)."""
         self.facts: list[FactEvent] = []
         """Every fact event seen: each one is something the server acted on."""
         self._last_seq: int | None = None

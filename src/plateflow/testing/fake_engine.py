@@ -46,7 +46,7 @@ from plateflow.core.facts import (
     ExecutionSucceeded,
     Fact,
 )
-from plateflow.engines.base import Engine, EngineError, FactSink, Submission
+from plateflow.engines.base import TERMINAL_FACTS, Engine, EngineError, FactSink, Submission
 from plateflow.jobs import CompileJob
 from plateflow.testing._loop import VirtualClock
 
@@ -54,17 +54,6 @@ __all__ = ["EngineCall", "FakeEngine", "Outcome", "Pending", "PlateScript"]
 
 Outcome = Literal["succeed", "fail", "reject", "hang"]
 """How a submission ends: ``hang`` means the engine never says (a stuck worker)."""
-
-_TERMINAL = (
-    CompileSucceeded,
-    CompileFailed,
-    CompileRejected,
-    CompileCancelled,
-    ExecutionSucceeded,
-    ExecutionFailed,
-    ExecutionRejected,
-    ExecutionCancelled,
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,7 +363,7 @@ class FakeEngine(Engine):
         live = self._live.get(_submission_id(fact) or "")
         if live is not None:
             live.facts.append(fact)
-            if isinstance(fact, _TERMINAL):
+            if isinstance(fact, TERMINAL_FACTS):
                 live.finished = True
 
     def _push(self, fact: Fact) -> None:
@@ -396,7 +385,7 @@ def _overtaken(pending: Pending, submission_id: str, cancelled_at: float) -> boo
     """Whether a cancel taking effect at ``cancelled_at`` means ``pending`` never happens."""
     if _submission_id(pending.fact) != submission_id:
         return False
-    return pending.due > cancelled_at or isinstance(pending.fact, _TERMINAL)
+    return pending.due > cancelled_at or isinstance(pending.fact, TERMINAL_FACTS)
 
 
 def _submission_id(fact: Fact) -> str | None:
