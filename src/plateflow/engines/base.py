@@ -47,6 +47,7 @@ __all__ = [
     "Engine",
     "EngineError",
     "FactSink",
+    "Recovered",
     "Submission",
     "cancelled_fact",
     "failed_fact",
@@ -136,6 +137,23 @@ def failed_fact(submission: Submission, error: str, exit_code: int | None = None
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    """What an engine still knows about a crashed host's submissions (see :meth:`Engine.recover`).
+
+    ``facts`` say where each known submission is now (like a status answer);
+    ``unknown`` are the submissions the engine has no trace of, and ``never_ran``
+    the subset of those it can vouch never started anywhere (so running them
+    now runs them once). Every asked submission is in exactly one of ``facts``
+    (by its submission id) or ``unknown``.
+    """
+
+    facts: tuple[Fact, ...] = ()
+    unknown: tuple[Submission, ...] = ()
+    never_ran: frozenset[str] = frozenset()
+    """Submission ids in ``unknown`` that certainly never started."""
+
+
 class Engine(ABC):
     """Runs compile jobs and executions, and reports what happened as facts."""
 
@@ -176,3 +194,32 @@ class Engine(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Stop everything this engine started. Idempotent."""
+
+    # --- surviving a host restart (optional: the defaults know nothing) ---------------------
+
+    def identity(self) -> dict[str, JsonValue]:
+        """What a later process needs to find this engine's work again (JSON, no secrets).
+
+        Asked after :meth:`start`; the service writes it into the journal's
+        header, and a resuming service hands it to :meth:`adopt`. The default,
+        ``{}``, means nothing survives the process.
+        """
+        return {}
+
+    def adopt(self, identity: dict[str, JsonValue]) -> None:
+        """Before :meth:`start`: take over the work a crashed process's engine left.
+
+        ``identity`` is what that engine's :meth:`identity` returned. Raises
+        :class:`~plateflow.errors.UsageError` if it was written by another kind of
+        engine or cannot be taken over. The default accepts anything and adopts nothing.
+        """
+        del identity
+
+    async def recover(self, submissions: Sequence[Submission]) -> Recovered:
+        """After :meth:`start` in a resuming process: where each submission is now.
+
+        Submissions it still knows are tracked again as if submitted by this
+        process (their later facts reach the sink); the rest are ``unknown``.
+        The default knows none of them.
+        """
+        return Recovered(unknown=tuple(submissions))
