@@ -301,16 +301,27 @@ def _line_named(error: JournalError, path: Path) -> int:
 
 @given(cut=st.integers(min_value=0))
 def test_a_journal_cut_short_anywhere_keeps_every_whole_record(saved: Saved, cut: int) -> None:
-    """A crash mid-write leaves a prefix: it loads as the same records, or names the cut line."""
+    """A crash mid-write leaves a prefix: it loads as exactly its whole records, the torn
+    last line dropped and described; only a file without a whole header is refused."""
     kept = saved.data[: cut % (len(saved.data) + 1)]
     whole_lines = kept.count(b"\n")
     path, outcome = _load(saved.folder, kept)
-    if isinstance(outcome, JournalError):
-        assert _line_named(outcome, path) == (whole_lines + 1 if kept else 0)
+    if whole_lines == 0:
+        assert isinstance(outcome, JournalError)
+        assert _line_named(outcome, path) == (1 if kept else 0)
         return
+    assert isinstance(outcome, Journal), outcome
     assert outcome.header == saved.journal.header
+    # A cut just before a newline leaves a whole record without it: that one is kept.
+    assert len(outcome) in (whole_lines - 1, whole_lines)
     assert outcome.records == saved.journal.records[: len(outcome)]
-    assert len(outcome) >= whole_lines - 1
+    intact = kept.endswith(b"\n") or len(outcome) == whole_lines
+    if intact:
+        assert outcome.torn is None
+    else:
+        assert outcome.torn is not None
+        assert outcome.torn.line == whole_lines + 1
+        assert outcome.torn.offset == kept.rindex(b"\n") + 1
 
 
 def _damage(data: bytes, draw: st.DataObject) -> tuple[bytes, int]:

@@ -17,6 +17,7 @@ from helpers import execution, feed, job, make_batch
 from plateflow.core import (
     PLATE_TABLE,
     Batch,
+    BatchResumed,
     BatchStarted,
     CancelRequested,
     CancelTimedOut,
@@ -40,6 +41,7 @@ from plateflow.core import (
     PlateState,
     ReportError,
     ReportPlate,
+    SubmissionLost,
 )
 
 # Where plate p0 can be, and the facts (for p0 unless said) that take it there.
@@ -103,6 +105,15 @@ def _facts(b: Batch, ids: str) -> dict[str, Fact]:
         "EngineLost": EngineLost(),
         "BatchStarted": BatchStarted(),
         "HostCallbackFailed": HostCallbackFailed(callback="emit_status", plate_id="p0", error="e"),
+        "BatchResumed": BatchResumed(note="n"),
+        "SubmissionLost(compile)": SubmissionLost(plate_id="p0", phase="compile", submission_id=j),
+        "SubmissionLost(execute)": SubmissionLost(plate_id="p0", phase="execute", submission_id=x),
+        "SubmissionLost(compile, resubmit)": SubmissionLost(
+            plate_id="p0", phase="compile", submission_id=j, resubmit=True
+        ),
+        "SubmissionLost(execute, resubmit)": SubmissionLost(
+            plate_id="p0", phase="execute", submission_id=x, resubmit=True
+        ),
     }
 
 
@@ -136,6 +147,11 @@ EXPECTED_CURRENT: dict[str, tuple[tuple[Disposition, str | None], ...]] = {
     "EngineLost":             ((A, "failed"), (A, "failed"), (A, "failed"), (A, "failed"), (A, "failed"), (A, "failed"), (A, _), (A, _), (A, _)),  # noqa: E501
     "BatchStarted":           ((A, "queued"), (D, _), (D, _), (D, _), (D, _), (D, _), (D, _), (D, _), (D, _)),  # noqa: E501
     "HostCallbackFailed":     ((A, _),) * 9,
+    "BatchResumed":           ((A, _),) * 9,
+    "SubmissionLost(compile)":           ((S, _), (A, "failed"), (A, "failed"), (S, _), (S, _), (S, _), STALE_T, STALE_T, STALE_T),  # noqa: E501
+    "SubmissionLost(execute)":           ((S, _), (S, _), (S, _), (S, _), (A, "failed"), (A, "failed"), STALE_T, STALE_T, STALE_T),  # noqa: E501
+    "SubmissionLost(compile, resubmit)": ((S, _), (A, _), (A, _), (S, _), (S, _), (S, _), STALE_T, STALE_T, STALE_T),  # noqa: E501
+    "SubmissionLost(execute, resubmit)": ((S, _), (S, _), (S, _), (S, _), (A, _), (A, _), STALE_T, STALE_T, STALE_T),  # noqa: E501
 }
 # fmt: on
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import JsonValue
 
-from plateflow.core import BatchState, BatchSummary, PlateOutcome, PlateState
+from plateflow.core import BatchState, BatchSummary, PlateOutcome, PlateState, ResumedBatch
 
 if TYPE_CHECKING:
     from plateflow.runtime.progress import ProgressSnapshot
@@ -99,6 +99,13 @@ class BatchHost(ABC):
     def on_all_plates_completed(self, summary: BatchSummary) -> None:
         """Every plate settled (once, after every ``on_plate_completed``, C3)."""
 
+    @abstractmethod
+    def on_resumed(self, resumed: ResumedBatch) -> None:
+        """A batch was resumed from its journal after a restart (once, before any other
+        report of that batch): the plates that settled before the restart are in
+        ``resumed.settled`` and are never reported again; each plate still running gets
+        one ``on_plate_completed`` later."""
+
 
 HOST_CALLBACKS: tuple[str, ...] = tuple(
     sorted(
@@ -150,4 +157,7 @@ class BaseBatchHost(BatchHost):
         pass
 
     def on_all_plates_completed(self, summary: BatchSummary) -> None:
+        pass
+
+    def on_resumed(self, resumed: ResumedBatch) -> None:
         pass

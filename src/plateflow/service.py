@@ -15,28 +15,41 @@ Bounded waits (C7): a cancel the engine does not confirm within
 whose submit calls fail with ``EngineError`` is treated as lost; the one
 status poller reconciles lost pushes. The seed's flows, step by step, are
 in :meth:`compile_plates` and :meth:`run_plates`.
+
+Durability: given a ``journal`` path, a batch writes each record to it as the
+batch commits it, before any callback about it runs (:mod:`plateflow.runtime.
+journal_file`). The header carries what a new process needs to go on: the
+jobs and the engine's identity. :meth:`resume` rebuilds the batch from such a
+file by replay, lets the engine :meth:`~plateflow.engines.base.Engine.adopt`
+and :meth:`~plateflow.engines.base.Engine.recover` its work, tells the host
+once what settled before (``on_resumed``) and reports the rest as usual.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, Literal, TypeVar, final
 
-from pydantic import JsonValue
+from pydantic import JsonValue, ValidationError
 
 from plateflow.core import (
     Batch,
     BatchChanged,
     BatchMode,
+    BatchResumed,
+    BatchSnapshot,
     BatchStarted,
+    BatchState,
     BatchSummary,
     CancelRequested,
     CancelSubmission,
@@ -48,6 +61,7 @@ from plateflow.core import (
     ExecutionRejected,
     Fact,
     HostCallbackFailed,
+    Journal,
     PlateChanged,
     PlateOutcome,
     PlateState,
@@ -55,15 +69,20 @@ from plateflow.core import (
     ReportBatch,
     ReportError,
     ReportPlate,
+    ResumedBatch,
+    SettledPlate,
+    SubmissionLost,
     SubmitCompile,
     SubmitExecution,
+    replay,
 )
 from plateflow.engines.base import Engine, EngineError, Submission
-from plateflow.errors import UsageError
+from plateflow.errors import JournalError, UsageError
 from plateflow.host import HOST_CALLBACKS, BatchHost
 from plateflow.jobs import CompileJob, plate_id_problem
 from plateflow.pipeline.spec import PipelineSpec
 from plateflow.runtime.dispatch import Dispatcher, inline_dispatcher
+from plateflow.runtime.journal_file import JournalFile
 from plateflow.runtime.progress import CoalescingProgressEmitter, ProgressProjection
 from plateflow.runtime.snapshot_poller import IntervalSnapshotPoller
 from plateflow.runtime.status_poller import ExecutionStatusPoller
@@ -106,6 +125,83 @@ def _selected(plates: Sequence[Plate]) -> list[str]:
     return ids
 
 
+def _jobs(
+    plates: Sequence[Plate], pipeline: PipelineSpec | None, config: dict[str, JsonValue]
+) -> tuple[dict[str, CompileJob], dict[str, str]]:
+    """The compile job of every plate whose id passes the door, and why the others do not."""
+    refused = {
+        p.plate_id: problem for p in plates if (problem := plate_id_problem(p.plate_id)) is not None
+    }
+    jobs = {}
+    for p in plates:
+        if p.plate_id in refused:
+            continue
+        spec = p.pipeline or pipeline
+        if spec is None:  # pragma: no cover - a resumed plate always carries its pipeline
+            raise UsageError(f"plate {p.plate_id!r} has no pipeline")
+        jobs[p.plate_id] = CompileJob(
+            plate_id=p.plate_id, plate_path=p.path, pipeline=spec, config=config
+        )
+    return jobs, refused
+
+
+def _jobs_context(
+    plates: Sequence[Plate], pipeline: PipelineSpec, config: dict[str, JsonValue]
+) -> dict[str, JsonValue]:
+    """The jobs as the journal's header keeps them: each distinct pipeline once."""
+    pipelines: list[JsonValue] = []
+    index: dict[int, int] = {}
+    rows: list[JsonValue] = []
+    for p in plates:
+        spec = p.pipeline or pipeline
+        if id(spec) not in index:
+            index[id(spec)] = len(pipelines)
+            pipelines.append(spec.model_dump(mode="json"))
+        rows.append([p.plate_id, p.path, index[id(spec)]])
+    return {"pipelines": pipelines, "config": dict(config), "plates": rows}
+
+
+def _resume_context(
+    journal: Journal, where: str, engine_name: str
+) -> tuple[dict[str, JsonValue], list[Plate], dict[str, JsonValue]]:
+    """The engine identity, plates and config a journal's header keeps for a resume."""
+    context = journal.header.context
+    jobs, engine = context.get("jobs"), context.get("engine")
+    if not isinstance(jobs, dict) or not isinstance(engine, dict):
+        raise UsageError(
+            f"{where} cannot be resumed: its header holds no jobs and engine (it was not "
+            "written as the batch ran: pass journal= to run_plates, or use plateflow run)"
+        )
+    name, identity = engine.get("name"), engine.get("identity", {})
+    if name != engine_name:
+        raise UsageError(
+            f"{where} was written by a batch on the {name!r} engine; this service's engine is "
+            f"{engine_name!r}: resume on the same kind of engine"
+        )
+    try:
+        specs = [PipelineSpec.model_validate(raw) for raw in _list(jobs.get("pipelines"))]
+        config = jobs.get("config", {})
+        if not isinstance(config, dict) or not isinstance(identity, dict):
+            raise TypeError("config and identity must be objects")
+        plates = []
+        for row in _list(jobs.get("plates")):
+            plate_id, path, which = _list(row)
+            if not (isinstance(plate_id, str) and isinstance(path, str) and type(which) is int):
+                raise TypeError(f"a plate must be [id, path, pipeline index], got {row!r}")
+            plates.append(Plate(plate_id, path, specs[which]))
+    except (ValidationError, TypeError, ValueError, IndexError) as exc:
+        raise JournalError(f"{where}:1: the header's resume context is not valid: {exc}") from None
+    if [p.plate_id for p in plates] != list(journal.header.plate_ids):
+        raise JournalError(f"{where}:1: the header's jobs do not match its plate ids")
+    return identity, plates, config
+
+
+def _list(value: object) -> list[Any]:
+    if not isinstance(value, list):
+        raise TypeError(f"expected a list, got {type(value).__name__}")
+    return value
+
+
 def _check_host(host: object) -> BatchHost:
     if isinstance(host, BatchHost):
         return host
@@ -138,6 +234,7 @@ class BatchWorkflowService:
         status_interval: float = 1.0,
         progress_interval: float = 0.1,
         clock: Callable[[], float] = time.time,
+        journal_fsync: bool = False,
     ) -> None:
         self._host = _check_host(host)
         if not isinstance(engine, Engine):
@@ -148,6 +245,8 @@ class BatchWorkflowService:
         self._cancel_grace = cancel_grace
         self._progress_interval = progress_interval
         self._clock = clock
+        self._journal_fsync = bool(journal_fsync)
+        self._journal_file: JournalFile | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: collections.deque[Fact] = collections.deque()
         self._drain_scheduled = False
@@ -196,9 +295,16 @@ class BatchWorkflowService:
         *,
         pipeline: PipelineSpec,
         config: dict[str, JsonValue] | None = None,
+        journal: str | os.PathLike[str] | None = None,
+        journal_context: Mapping[str, JsonValue] | None = None,
     ) -> BatchSummary:
-        """Compile every plate; plates rest in ``compiled``. Returns the batch summary."""
-        return await self._run_batch(plates, pipeline, config or {}, BatchMode.COMPILE_ONLY)
+        """Compile every plate; plates rest in ``compiled``. Returns the batch summary.
+
+        ``journal`` and ``journal_context``: as for :meth:`run_plates`.
+        """
+        return await self._run_batch(
+            plates, pipeline, config or {}, BatchMode.COMPILE_ONLY, journal, journal_context
+        )
 
     async def run_plates(
         self,
@@ -206,9 +312,101 @@ class BatchWorkflowService:
         *,
         pipeline: PipelineSpec,
         config: dict[str, JsonValue] | None = None,
+        journal: str | os.PathLike[str] | None = None,
+        journal_context: Mapping[str, JsonValue] | None = None,
     ) -> BatchSummary:
-        """Compile every plate, then execute every plate that compiled."""
-        return await self._run_batch(plates, pipeline, config or {}, BatchMode.RUN)
+        """Compile every plate, then execute every plate that compiled.
+
+        With ``journal`` (a file path, replaced if it exists) every record is
+        written and flushed there as the batch commits it, before the host
+        hears of it, so that :meth:`resume` can take the batch over after a
+        crash; ``journal_context`` (JSON) is kept in its header for the host's
+        own use (``Journal.load(path).header.context["app"]``). Raises
+        :class:`UsageError` when the file cannot be created.
+        """
+        return await self._run_batch(
+            plates, pipeline, config or {}, BatchMode.RUN, journal, journal_context
+        )
+
+    async def resume(
+        self, journal: str | os.PathLike[str], *, resubmit_lost: bool = False
+    ) -> BatchSummary:
+        """Take over the batch a crashed process was running, from its journal file.
+
+        The journal must have been written as the batch ran (``journal=`` of
+        :meth:`run_plates` / :meth:`compile_plates`, or ``plateflow run``). The
+        batch is rebuilt by replay; this service's engine (of the same kind,
+        not started yet) adopts the journal's engine identity and recovers
+        every unsettled submission. The host gets ``on_resumed`` once, with the
+        plates settled before the restart, then ``on_plate_completed`` once per
+        other plate and the batch callbacks once. A submission the engine no
+        longer knows settles its plate ``failed`` (``lost_in_restart``), or is
+        submitted again with ``resubmit_lost`` (which can run work twice when
+        the engine cannot tell that it never ran; see docs/crashes.md). New
+        records are appended to the same file. Returns the batch's summary.
+        """
+        if self._closed:
+            raise UsageError("the service is closed")
+        if self._batch is not None and not self._batch.settled:
+            raise UsageError(f"batch {self._batch.batch_id} is still {self._batch.state.value}")
+        if self._engine_started:
+            raise UsageError(
+                "resume needs an engine that has not started yet (it must adopt the crashed "
+                "process's work before it starts): make a new service and engine to resume"
+            )
+        path = Path(journal)
+        loaded = Journal.load(path)
+        identity, plates, config = _resume_context(loaded, str(path), self._engine.name)
+        batch = replay(loaded, then=self._clock)
+        self._loop = asyncio.get_running_loop()
+        self._engine.adopt(identity)
+        await self._engine.start(self.post)
+        self._engine_started = True
+        jobs, refused = _jobs(plates, None, config)
+        try:
+            journal_file = JournalFile.reopen(
+                path, loaded, fsync=self._journal_fsync, on_error=self._journal_failed
+            )
+        except OSError as exc:
+            raise UsageError(
+                f"cannot append to the journal {path}: {exc.strerror or exc}"
+            ) from None
+        snapshot = batch.snapshot()
+        self._begin(batch, jobs, refused, journal_file)
+        assert self._projection is not None
+        for plate in snapshot.plates:
+            self._projection.set_state(plate.plate_id, plate.state)
+            if plate.total:
+                self._projection.record(plate.plate_id, plate.done, plate.total)
+        settled = batch.settled_plates()
+        resumed = ResumedBatch(
+            batch_id=batch.batch_id,
+            mode=batch.mode,
+            state=batch.state,
+            settled=settled,
+            unsettled=tuple(p.plate_id for p in snapshot.plates if p.outcome is None),
+            journal=str(path),
+            records=len(loaded),
+        )
+        self._to_host(
+            "emit_progress_started",
+            len(batch.plate_ids),
+            store=partial(self._restore_stores, snapshot, settled),
+        )
+        self._to_host("on_resumed", resumed)
+        self._handle(
+            BatchResumed(
+                note=f"{len(settled)} of {len(batch.plate_ids)} plates had settled; "
+                f"{'resubmitting' if resubmit_lost else 'failing'} lost submissions"
+            )
+        )
+        if batch.settled:
+            self._finish(batch.summary())
+        elif batch.state is BatchState.IDLE:
+            self._handle(BatchStarted())  # the crash came before the start was journaled
+        else:
+            self._spawn(self._reattach(batch, resubmit_lost))
+        return await self._until_settled()
 
     def cancel(self, plate_id: str | None = None) -> None:
         """Cancel one plate, or the whole batch. Safe to call from any thread."""
@@ -271,6 +469,8 @@ class BatchWorkflowService:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._engine_started:
             await self._engine.close()
+        if self._journal_file is not None:
+            self._journal_file.close()
 
     # --- the seed's flows ----------------------------------------------------------------
 
@@ -280,6 +480,8 @@ class BatchWorkflowService:
         pipeline: PipelineSpec,
         config: dict[str, JsonValue],
         mode: BatchMode,
+        journal: str | os.PathLike[str] | None,
+        journal_context: Mapping[str, JsonValue] | None,
     ) -> BatchSummary:
         if self._closed:
             raise UsageError("the service is closed")
@@ -295,33 +497,60 @@ class BatchWorkflowService:
             self._engine_started = True
         # The door: one plate-id rule for every engine. A plate that breaks it is
         # rejected at its submission (a fact like any engine's refusal), never sent.
-        refused = {
-            plate_id: problem
-            for plate_id in selected
-            if (problem := plate_id_problem(plate_id)) is not None
-        }
-        # Build a CompileJob for every selected plate (the seed's step 2 / 3).
-        jobs = {
-            p.plate_id: CompileJob(
-                plate_id=p.plate_id,
-                plate_path=p.path,
-                pipeline=p.pipeline or pipeline,
-                config=config,
-            )
-            for p in plates
-            if p.plate_id not in refused
-        }
+        # Build a CompileJob for every other plate (the seed's step 2 / 3).
+        jobs, refused = _jobs(plates, pipeline, config)
+        context: dict[str, JsonValue] | None = None
+        if journal is not None:
+            context = {
+                "jobs": _jobs_context(plates, pipeline, config),
+                "engine": {"name": self._engine.name, "identity": self._engine.identity()},
+                "app": dict(journal_context or {}),
+            }
         batch = Batch(
             uuid.uuid4().hex[:12],
             selected,
             mode=mode,
             policy=self.policy,
             clock=self._clock,
+            context=context,
         )
+        journal_file = None
+        if journal is not None:
+            try:
+                journal_file = JournalFile.create(
+                    journal,
+                    batch.journal.header,
+                    fsync=self._journal_fsync,
+                    on_error=self._journal_failed,
+                )
+            except OSError as exc:
+                raise UsageError(
+                    f"cannot write the journal {journal}: {exc.strerror or exc}"
+                ) from None
+        self._begin(batch, jobs, refused, journal_file)
+        self._to_host(
+            "emit_progress_started", len(selected), store=partial(self._reset_stores, selected)
+        )
+        self._handle(BatchStarted())
+        return await self._until_settled()
+
+    def _begin(
+        self,
+        batch: Batch,
+        jobs: dict[str, CompileJob],
+        refused: dict[str, str],
+        journal_file: JournalFile | None,
+    ) -> None:
+        """Make ``batch`` the current one: its jobs, journal file, progress and phases."""
+        if self._journal_file is not None:
+            self._journal_file.close()
+        self._journal_file = journal_file
+        if journal_file is not None:
+            batch.journal.listen(journal_file.append)
         self._batch, self._jobs, self._refused, self._summary = batch, jobs, refused, None
         self._settled = asyncio.Event()
         # Reset progress and execution state; mark every plate queued at once.
-        self._projection = ProgressProjection(selected, mode=mode, clock=self._clock)
+        self._projection = ProgressProjection(batch.plate_ids, mode=batch.mode, clock=self._clock)
         self._emitter = CoalescingProgressEmitter(
             self._projection,
             lambda snap: self._to_host(
@@ -330,10 +559,9 @@ class BatchWorkflowService:
             interval=self._progress_interval,
         )
         self._phases = {}
-        self._to_host(
-            "emit_progress_started", len(selected), store=partial(self._reset_stores, selected)
-        )
-        self._handle(BatchStarted())
+
+    async def _until_settled(self) -> BatchSummary:
+        assert self._settled is not None
         self._server.start()
         try:
             await self._settled.wait()
@@ -341,6 +569,55 @@ class BatchWorkflowService:
             await self._server.stop()
         assert self._summary is not None  # set with the event
         return self._summary
+
+    async def _reattach(self, batch: Batch, resubmit_lost: bool) -> None:
+        """Resume: ask the engine about every unsettled submission, then go on with them."""
+        wanted = [Submission(p, phase, sid) for p, phase, sid in batch.outstanding()]
+        if not wanted:
+            return
+        try:
+            recovered = await self._engine.recover(wanted)
+        except EngineError as exc:
+            self.post(EngineLost(reason=f"{self._engine.name}: cannot recover the work: {exc}"))
+            return
+        unknown = {s.submission_id for s in recovered.unknown}
+        snapshot = batch.snapshot()
+        known: list[SubmitCompile | SubmitExecution] = []
+        for sub in wanted:
+            if sub.submission_id in unknown:
+                continue
+            if sub.phase == "compile":
+                known.append(SubmitCompile(sub.plate_id, sub.submission_id, ""))
+            else:
+                artifact = snapshot.plate(sub.plate_id).artifact_id or ""
+                known.append(SubmitExecution(sub.plate_id, sub.submission_id, artifact, ""))
+        if known:
+            self._submit_all(known, submitted=True)
+        for fact in recovered.facts:
+            self.post(fact)
+        for sub in recovered.unknown:
+            self.post(
+                SubmissionLost(
+                    plate_id=sub.plate_id,
+                    phase=sub.phase,
+                    submission_id=sub.submission_id,
+                    resubmit=resubmit_lost,
+                    never_ran=sub.submission_id in recovered.never_ran,
+                )
+            )
+        for sub in wanted:  # a cancel asked for before the crash is asked for again
+            plate = snapshot.plate(sub.plate_id)
+            if plate.cancel_requested and sub.submission_id not in unknown:
+                self._spawn(self._cancel(sub))
+                self._arm_cancel_timer(sub.plate_id)
+
+    def _journal_failed(self, reason: str) -> None:
+        """The journal file stopped growing: tell the host (after the current fact)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon(
+                partial(self._to_host, "emit_error", reason, code="journal_write_failed")
+            )
 
     # --- facts in, decisions out -------------------------------------------------------------
 
@@ -419,12 +696,16 @@ class BatchWorkflowService:
 
     # --- engine side -------------------------------------------------------------------------
 
-    def _submit_all(self, decisions: list[SubmitCompile | SubmitExecution]) -> None:
+    def _submit_all(
+        self, decisions: list[SubmitCompile | SubmitExecution], *, submitted: bool = False
+    ) -> None:
         """Submit every job of a phase, then wait for all of them (the seed's step 3/4).
 
         The batch decides what is submitted and when a phase is over; the
         submit/wait engine carries the submissions out concurrently and
         resolves each job when the batch reports the plate compiled or settled.
+        ``submitted``: a resumed batch's submissions the engine recovered, which
+        are waited for but not sent again.
         """
         by_key: dict[tuple[str, str], SubmitCompile | SubmitExecution] = {}
         for d in decisions:
@@ -444,6 +725,8 @@ class BatchWorkflowService:
             self._poller.track(submission)
 
         async def submit(key: tuple[str, str]) -> None:
+            if submitted:
+                return
             d = by_key[key]
             problem = self._refused.get(d.plate_id)
             if problem is not None and isinstance(d, SubmitCompile):
@@ -568,6 +851,20 @@ class BatchWorkflowService:
             host.plate_execution_states.pop(plate_id, None)
         host.progress_tracker = None
 
+    def _restore_stores(self, snapshot: BatchSnapshot, settled: Sequence[SettledPlate]) -> None:
+        """A resumed batch's stores: every plate's state and ids as the journal left them."""
+        self._reset_stores([plate.plate_id for plate in snapshot.plates])
+        host = self._host
+        for plate in snapshot.plates:
+            host.plate_execution_states[plate.plate_id] = plate.state
+            if plate.artifact_id is not None:
+                host.plate_compiled_data[plate.plate_id] = plate.artifact_id
+            if plate.execution_id is not None:
+                host.plate_execution_ids[plate.plate_id] = plate.execution_id
+        for report in settled:
+            if report.outcome is PlateOutcome.COMPILED:
+                host.plate_compiled_data[report.plate_id] = report.result
+
     def _store_state(self, plate_id: str, state: Any) -> None:
         self._host.plate_execution_states[plate_id] = state
 
@@ -620,8 +917,18 @@ class SyncBatchWorkflowService:
         *,
         pipeline: PipelineSpec,
         config: dict[str, JsonValue] | None = None,
+        journal: str | os.PathLike[str] | None = None,
+        journal_context: Mapping[str, JsonValue] | None = None,
     ) -> BatchSummary:
-        return self._call(self._service.compile_plates(plates, pipeline=pipeline, config=config))
+        return self._call(
+            self._service.compile_plates(
+                plates,
+                pipeline=pipeline,
+                config=config,
+                journal=journal,
+                journal_context=journal_context,
+            )
+        )
 
     def run_plates(
         self,
@@ -629,8 +936,24 @@ class SyncBatchWorkflowService:
         *,
         pipeline: PipelineSpec,
         config: dict[str, JsonValue] | None = None,
+        journal: str | os.PathLike[str] | None = None,
+        journal_context: Mapping[str, JsonValue] | None = None,
     ) -> BatchSummary:
-        return self._call(self._service.run_plates(plates, pipeline=pipeline, config=config))
+        return self._call(
+            self._service.run_plates(
+                plates,
+                pipeline=pipeline,
+                config=config,
+                journal=journal,
+                journal_context=journal_context,
+            )
+        )
+
+    def resume(
+        self, journal: str | os.PathLike[str], *, resubmit_lost: bool = False
+    ) -> BatchSummary:
+        """:meth:`BatchWorkflowService.resume`, blocking until the batch settles."""
+        return self._call(self._service.resume(journal, resubmit_lost=resubmit_lost))
 
     def cancel(self, plate_id: str | None = None) -> None:
         self._service.cancel(plate_id)

@@ -16,10 +16,13 @@ from plateflow.core.decisions import (
     ReportBatch,
     ReportError,
     ReportPlate,
+    ResumedBatch,
+    SettledPlate,
     SubmitCompile,
     SubmitExecution,
 )
 from plateflow.core.facts import (
+    BatchResumed,
     BatchStarted,
     CancelRequested,
     CancelTimedOut,
@@ -38,9 +41,10 @@ from plateflow.core.facts import (
     ExecutionSucceeded,
     Fact,
     HostCallbackFailed,
+    SubmissionLost,
     fact_adapter,
 )
-from plateflow.core.journal import Change, Disposition, Journal, JournalHeader, Record
+from plateflow.core.journal import Change, Disposition, Journal, JournalHeader, Record, TornLine
 from plateflow.core.replay import replay
 from plateflow.core.snapshot import BatchSnapshot, PlateSnapshot
 from plateflow.core.tables import (
@@ -64,6 +68,7 @@ __all__ = [
     "BatchChanged",
     "BatchEvent",
     "BatchMode",
+    "BatchResumed",
     "BatchSnapshot",
     "BatchStarted",
     "BatchState",
@@ -104,9 +109,13 @@ __all__ = [
     "ReportBatch",
     "ReportError",
     "ReportPlate",
+    "ResumedBatch",
     "Row",
+    "SettledPlate",
+    "SubmissionLost",
     "SubmitCompile",
     "SubmitExecution",
+    "TornLine",
     "fact_adapter",
     "replay",
 ]

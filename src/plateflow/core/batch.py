@@ -31,8 +31,8 @@ Classification of an engine fact about a plate, in order:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
-from typing import Any, Final
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Final, Literal
 
 from pydantic import JsonValue
 
@@ -47,10 +47,12 @@ from plateflow.core.decisions import (
     ReportBatch,
     ReportError,
     ReportPlate,
+    SettledPlate,
     SubmitCompile,
     SubmitExecution,
 )
 from plateflow.core.facts import (
+    BatchResumed,
     BatchStarted,
     CancelRequested,
     CancelTimedOut,
@@ -69,6 +71,7 @@ from plateflow.core.facts import (
     ExecutionSucceeded,
     Fact,
     HostCallbackFailed,
+    SubmissionLost,
 )
 from plateflow.core.journal import Change, Disposition, Journal, JournalHeader, Record
 from plateflow.core.machines import TableMachine
@@ -169,6 +172,7 @@ class Batch:
         mode: BatchMode = BatchMode.RUN,
         policy: CompileFailurePolicy = CompileFailurePolicy.ABORT,
         clock: Callable[[], float],
+        context: Mapping[str, JsonValue] | None = None,
     ) -> None:
         ids = tuple(plate_ids)
         if not batch_id:
@@ -198,7 +202,9 @@ class Batch:
         self._batch_machine: TableMachine[BatchState, BatchEvent] = TableMachine(
             "batch", BATCH_TABLE, BatchState, BatchState.IDLE
         )
-        self.journal = Journal(JournalHeader(batch_id, ids, self.mode, self.policy))
+        self.journal = Journal(
+            JournalHeader(batch_id, ids, self.mode, self.policy, context=dict(context or {}))
+        )
         # Scratch for the fact being handled; reset by handle().
         self._now = 0.0
         self._stimulus = ""
@@ -210,6 +216,8 @@ class Batch:
             CancelRequested: self._on_cancel_requested,
             CancelTimedOut: self._on_cancel_timed_out,
             HostCallbackFailed: self._on_host_callback_failed,
+            BatchResumed: self._on_batch_resumed,
+            SubmissionLost: self._on_submission_lost,
             EngineLost: self._on_engine_lost,
             CompileAccepted: self._on_compile_accepted,
             CompileSucceeded: self._on_compile_succeeded,
@@ -310,6 +318,50 @@ class Batch:
                 for p in self._plates.values()
             ),
         )
+
+    def summary(self) -> BatchSummary:
+        """The batch's summary so far: every plate settled until now, counted."""
+        settlements = tuple(
+            PlateSettlement(p.plate_id, p.outcome, p.reason)
+            for p in self._plates.values()
+            if p.outcome is not None and p.reason is not None
+        )
+        return BatchSummary(
+            batch_id=self.batch_id,
+            mode=self.mode,
+            outcome=self._state,
+            plates=settlements,
+            counts=dict(Counter(s.outcome for s in settlements)),
+            reasons=dict(Counter(s.reason for s in settlements)),
+        )
+
+    def settled_plates(self) -> tuple[SettledPlate, ...]:
+        """Every plate settled so far, with its result, in plate order.
+
+        What a resuming service tells its host about the plates that settled
+        before the restart.
+        """
+        return tuple(
+            SettledPlate(plate.plate_id, plate.outcome, plate.reason, plate.result)
+            for plate in self._plates.values()
+            if plate.outcome is not None and plate.reason is not None
+        )
+
+    def outstanding(self) -> tuple[tuple[str, Literal["compile", "execute"], str], ...]:
+        """``(plate id, phase, submission id)`` of every unsettled plate's current submission.
+
+        What a resuming service asks the engine about; plates waiting at the
+        compile barrier (compiled, execution not yet submitted) have none.
+        """
+        found: list[tuple[str, Literal["compile", "execute"], str]] = []
+        for plate in self._plates.values():
+            if plate.outcome is not None:
+                continue
+            if plate.state in (_P.QUEUED, _P.COMPILING) and plate.job_id is not None:
+                found.append((plate.plate_id, "compile", plate.job_id))
+            elif plate.state in (_P.COMPILED, _P.EXECUTING) and plate.execution_id is not None:
+                found.append((plate.plate_id, "execute", plate.execution_id))
+        return tuple(found)
 
     def statistics(self) -> dict[str, Any]:
         """Counts for logs and dashboards: plates per state, records per disposition."""
@@ -417,19 +469,7 @@ class Batch:
         )
         self._changes.append(Change(None, old, self._state, "settled"))
         self._out.append(BatchChanged(old, self._state, self._stimulus))
-        settlements = tuple(
-            PlateSettlement(p.plate_id, p.outcome, p.reason)
-            for p in plates
-            if p.outcome is not None and p.reason is not None
-        )
-        summary = BatchSummary(
-            batch_id=self.batch_id,
-            mode=self.mode,
-            outcome=self._state,
-            plates=settlements,
-            counts=dict(Counter(s.outcome for s in settlements)),
-            reasons=dict(Counter(s.reason for s in settlements)),
-        )
+        summary = self.summary()
         self._out.append(ReportBatch(summary, self._stimulus))
 
     def _react(self) -> None:
@@ -580,6 +620,50 @@ class Batch:
                 ReportError(ErrorCode.HOST_CALLBACK_FAILED, message, fact.plate_id, self._stimulus)
             )
         return f"host callback {fact.callback} failed"
+
+    def _on_batch_resumed(self, fact: BatchResumed) -> str:
+        return f"resumed{': ' + fact.note if fact.note else ''}"
+
+    def _on_submission_lost(self, fact: SubmissionLost) -> str:
+        plate = self._plate(fact)
+        if fact.phase == "compile":
+            current = plate.job_id == fact.submission_id and plate.state in (
+                _P.QUEUED,
+                _P.COMPILING,
+            )
+        else:
+            current = plate.execution_id == fact.submission_id and plate.state in (
+                _P.COMPILED,
+                _P.EXECUTING,
+            )
+        if not current:
+            raise _Dropped(
+                Disposition.IGNORED_STALE,
+                f"stale: {fact.phase} {fact.submission_id!r} is not the plate's current submission",
+            )
+        how = "it never started" if fact.never_ran else "it may have run in part"
+        if plate.cancel_requested:  # the work is gone: that is the cancel confirmed
+            self._converge(plate, PlateOutcome.CANCELLED, Reason.CANCEL_REQUESTED)
+            return f"lost in the restart while being cancelled ({how})"
+        if not fact.resubmit:
+            message = (
+                f"the engine lost {fact.phase} {fact.submission_id!r} in a restart of the host "
+                f"({how})"
+            )
+            self._converge(plate, PlateOutcome.FAILED, Reason.LOST_IN_RESTART, message)
+            return f"lost in the restart ({how})"
+        if fact.phase == "compile":
+            self._out.append(SubmitCompile(plate.plate_id, fact.submission_id, self._stimulus))
+        else:
+            assert plate.artifact_id is not None  # an execution id is issued after compiling
+            plate.started_at = None
+            plate.done = plate.total = 0
+            self._out.append(
+                SubmitExecution(
+                    plate.plate_id, fact.submission_id, plate.artifact_id, self._stimulus
+                )
+            )
+        return f"resubmitted after the restart ({how})"
 
     def _on_engine_lost(self, fact: EngineLost) -> str:
         if self._state.is_terminal:

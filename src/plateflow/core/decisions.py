@@ -28,6 +28,8 @@ __all__ = [
     "ReportBatch",
     "ReportError",
     "ReportPlate",
+    "ResumedBatch",
+    "SettledPlate",
     "SubmitCompile",
     "SubmitExecution",
 ]
@@ -116,6 +118,38 @@ class BatchSummary:
     plates: tuple[PlateSettlement, ...]
     counts: Mapping[PlateOutcome, int] = field(default_factory=dict)
     reasons: Mapping[Reason, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SettledPlate:
+    """A plate that settled, with its result (what ``on_plate_completed`` was given)."""
+
+    plate_id: str
+    outcome: PlateOutcome
+    reason: Reason
+    result: JsonValue
+
+
+@dataclass(frozen=True, slots=True)
+class ResumedBatch:
+    """What a host hears once when a batch is resumed from its journal (``on_resumed``).
+
+    ``settled`` are the plates that settled before the restart, each with its
+    outcome, reason and result: the host hears of them here and never again
+    through ``on_plate_completed``. Every plate in ``unsettled`` gets exactly one
+    ``on_plate_completed`` later, then the batch's callbacks follow once.
+    """
+
+    batch_id: str
+    mode: BatchMode
+    state: BatchState
+    """The batch's state when it was resumed."""
+    settled: tuple[SettledPlate, ...]
+    unsettled: tuple[str, ...]
+    journal: str
+    """The journal file the batch goes on writing."""
+    records: int
+    """How many records the journal held (the ones replayed)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ from pydantic import ConfigDict, Field, JsonValue, TypeAdapter
 from pydantic.dataclasses import dataclass
 
 __all__ = [
+    "BatchResumed",
     "BatchStarted",
     "CancelRequested",
     "CancelTimedOut",
@@ -42,6 +43,7 @@ __all__ = [
     "ExecutionSucceeded",
     "Fact",
     "HostCallbackFailed",
+    "SubmissionLost",
     "fact_adapter",
 ]
 
@@ -111,6 +113,35 @@ class HostCallbackFailed(_FactBase):
     callback: str
     plate_id: str | None = None
     error: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
+class BatchResumed(_FactBase):
+    """A new host process took the batch over from its journal (after a crash).
+
+    Changes nothing; it marks in the journal where the new process began.
+    """
+
+    kind: Literal["batch_resumed"] = "batch_resumed"
+    note: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
+class SubmissionLost(_FactBase):
+    """After a restart, the engine has no trace of one of the batch's submissions.
+
+    Sent by a resuming service for each submission its engine's ``recover``
+    did not know. With ``resubmit`` the batch submits it again (same id);
+    otherwise the plate settles ``failed`` (``lost_in_restart``). ``never_ran``
+    says whether the engine vouched that it never started anywhere.
+    """
+
+    kind: Literal["submission_lost"] = "submission_lost"
+    plate_id: str
+    phase: Literal["compile", "execute"]
+    submission_id: str
+    resubmit: bool = False
+    never_ran: bool = False
 
 
 # --- engine facts: compile -----------------------------------------------------
@@ -237,6 +268,8 @@ Fact = Annotated[
     | CancelRequested
     | CancelTimedOut
     | HostCallbackFailed
+    | BatchResumed
+    | SubmissionLost
     | CompileAccepted
     | CompileSucceeded
     | CompileFailed

@@ -10,20 +10,26 @@ answer "why did plate 7 fail" from the journal alone.
 
 The journal keeps the fact objects in memory and only turns them into JSON
 when written, so journaling costs one small object per fact on the hot path.
-The file format is JSON Lines: a header line, then one line per record.
+The file format is JSON Lines: a header line, then one line per record. A
+listener (:meth:`Journal.listen`) hears every record as it is appended, which
+is how the runtime writes the file as the batch runs; the core itself writes
+nothing. A file cut short by a crash ends in a *torn* line without its newline:
+:meth:`Journal.read` drops that one line (and says so), and still refuses every
+other corrupt line.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
-from pydantic import ValidationError
+from pydantic import JsonValue, ValidationError
 
 from plateflow.core.decoding import decode_object, one_line
 from plateflow.core.facts import Fact, fact_adapter
@@ -38,10 +44,15 @@ __all__ = [
     "Journal",
     "JournalHeader",
     "Record",
+    "TornLine",
+    "encode_header",
+    "encode_record",
 ]
 
-JOURNAL_FORMAT = 1
-"""Version of the JSON Lines layout; readers refuse a format they do not know."""
+JOURNAL_FORMAT = 2
+"""Version of the JSON Lines layout written; readers refuse a format they do not know.
+Format 2 added the header's ``context``; format 1 journals are still read."""
+_READABLE_FORMATS = frozenset({1, 2})
 MAX_LINE_BYTES = 64 << 20
 """A journal line (one record) longer than this is refused rather than read."""
 
@@ -95,19 +106,47 @@ class JournalHeader:
     mode: BatchMode
     policy: CompileFailurePolicy
     format: int = JOURNAL_FORMAT
+    context: Mapping[str, JsonValue] = field(default_factory=dict, compare=False)
+    """What a host needs to resume the batch elsewhere (the jobs, the engine's identity,
+    the application's own notes). The core never reads it."""
+
+
+class TornLine(NamedTuple):
+    """The last line of a journal file that a crash cut short, dropped on reading."""
+
+    line: int
+    """Its line number (1-based)."""
+    offset: int
+    """Where it starts: the file's intact part is this many bytes long."""
+    reason: str
+
+
+_log = logging.getLogger("plateflow.journal")
 
 
 class Journal:
     """An append-only list of records behind a header."""
 
-    __slots__ = ("_records", "header")
+    __slots__ = ("_listeners", "_records", "header", "torn")
 
     def __init__(self, header: JournalHeader, records: Iterable[Record] = ()) -> None:
         self.header = header
         self._records: list[Record] = list(records)
+        self._listeners: list[Callable[[Record], None]] = []
+        self.torn: TornLine | None = None
+        """Set by :meth:`read` when the file ended in a torn line (which it dropped)."""
 
     def append(self, record: Record) -> None:
         self._records.append(record)
+        for listener in self._listeners:
+            listener(record)
+
+    def listen(self, listener: Callable[[Record], None]) -> None:
+        """Call ``listener`` with every record appended from now on (after it is appended).
+
+        A listener must not raise: the batch calls it while handling a fact.
+        """
+        self._listeners.append(listener)
 
     @property
     def records(self) -> tuple[Record, ...]:
@@ -130,9 +169,9 @@ class Journal:
 
     def write(self, stream: IO[str]) -> None:
         """Write the whole journal as JSON Lines to an open text stream."""
-        stream.write(json.dumps(_header_to_json(self.header)) + "\n")
+        stream.write(encode_header(self.header))
         for record in self._records:
-            stream.write(json.dumps(_record_to_json(record)) + "\n")
+            stream.write(encode_record(record))
 
     def save(self, path: str | Path) -> None:
         with Path(path).open("w", encoding="utf-8") as stream:
@@ -144,31 +183,57 @@ class Journal:
 
         Every line is decoded by :mod:`plateflow.core.decoding` (strict UTF-8,
         bounded nesting and integers) and may hold at most
-        :data:`MAX_LINE_BYTES`; anything else raises :class:`JournalError`.
+        :data:`MAX_LINE_BYTES`; anything else raises :class:`JournalError`, with
+        one exception: a last line without its newline that does not read is
+        what a crash leaves mid-write. It is dropped with a warning (logger
+        ``plateflow.journal``) and described in the journal's :attr:`torn`.
         """
         header: JournalHeader | None = None
         records: list[Record] = []
-        lineno = 0
+        torn: TornLine | None = None
+        lineno = offset = 0
         while line := stream.readline(MAX_LINE_BYTES + 1):
             lineno += 1
             where = f"{source}:{lineno}"
+            start = offset
+            offset += len(line) if isinstance(line, bytes) else len(_utf8(line))
             if len(line) > MAX_LINE_BYTES:
                 raise JournalError(f"{where}: a line longer than {MAX_LINE_BYTES} bytes")
             if not line.strip():
                 continue
+            complete = line[-1:] in (b"\n", "\n")
             try:
                 raw = decode_object(line, max_bytes=MAX_LINE_BYTES, what=where)
                 if header is None:
                     header = _header_from_json(raw, where)
                 else:
                     records.append(_record_from_json(raw, where))
-            except (DecodeError, JournalError) as exc:  # one line, whatever the file quoted
-                raise JournalError(one_line(str(exc))) from None
-            except (ValueError, TypeError, OverflowError) as exc:  # a value of the wrong kind
-                raise JournalError(one_line(f"{where}: {type(exc).__name__}: {exc}")) from None
+            except (DecodeError, JournalError, ValueError, TypeError, OverflowError) as exc:
+                text = (
+                    str(exc)
+                    if isinstance(exc, DecodeError | JournalError)
+                    else (f"{where}: {type(exc).__name__}: {exc}")
+                )
+                if complete:  # one line, whatever the file quoted
+                    raise JournalError(one_line(text)) from None
+                torn = TornLine(lineno, start, one_line(text))
         if header is None:
+            if torn is not None:
+                raise JournalError(
+                    f"{source}:{torn.line}: the header line is torn (the file was cut short "
+                    f"before its header was whole): {torn.reason}"
+                )
             raise JournalError(f"{source}: empty journal (no header line)")
-        return cls(header, records)
+        journal = cls(header, records)
+        if torn is not None:
+            _log.warning(
+                "%s:%d: dropped a torn last line (a crash cut it short): %s",
+                source,
+                torn.line,
+                torn.reason,
+            )
+            journal.torn = torn
+        return journal
 
     @classmethod
     def load(cls, path: str | Path) -> Journal:
@@ -177,15 +242,32 @@ class Journal:
             return cls.read(stream, source=str(path))
 
 
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+def encode_header(header: JournalHeader) -> str:
+    """The header as one JSON Lines line (with its newline)."""
+    return json.dumps(_header_to_json(header)) + "\n"
+
+
+def encode_record(record: Record) -> str:
+    """A record as one JSON Lines line (with its newline)."""
+    return json.dumps(_record_to_json(record)) + "\n"
+
+
 def _header_to_json(header: JournalHeader) -> dict[str, Any]:
-    return {
+    raw: dict[str, Any] = {
         "type": "header",
-        "format": header.format,
+        "format": JOURNAL_FORMAT,
         "batch_id": header.batch_id,
         "plate_ids": list(header.plate_ids),
         "mode": header.mode.value,
         "policy": header.policy.value,
     }
+    if header.context:
+        raw["context"] = dict(header.context)
+    return raw
 
 
 def _record_to_json(record: Record) -> dict[str, Any]:
@@ -213,10 +295,14 @@ def _header_from_json(raw: dict[str, Any], where: str) -> JournalHeader:
     if raw.get("type") != "header":
         raise JournalError(f"{where}: the first line must be the journal header")
     fmt = _field(raw, "format", int, where)
-    if fmt != JOURNAL_FORMAT:
+    if fmt not in _READABLE_FORMATS:
         raise JournalError(
-            f"{where}: journal format {fmt} is not supported (expected {JOURNAL_FORMAT})"
+            f"{where}: journal format {fmt} is not supported (this version reads "
+            f"{', '.join(str(f) for f in sorted(_READABLE_FORMATS))})"
         )
+    context = raw.get("context", {})
+    if not isinstance(context, dict):
+        raise JournalError(f"{where}: field 'context' must be an object")
     plate_ids = _field(raw, "plate_ids", list, where)
     if not all(isinstance(p, str) for p in plate_ids):
         raise JournalError(f"{where}: field 'plate_ids' must be a list of strings")
@@ -225,7 +311,14 @@ def _header_from_json(raw: dict[str, Any], where: str) -> JournalHeader:
         policy = CompileFailurePolicy(_field(raw, "policy", str, where))
     except ValueError as exc:
         raise JournalError(f"{where}: {exc}") from exc
-    return JournalHeader(_field(raw, "batch_id", str, where), tuple(plate_ids), mode, policy)
+    return JournalHeader(
+        _field(raw, "batch_id", str, where),
+        tuple(plate_ids),
+        mode,
+        policy,
+        format=fmt,
+        context=context,
+    )
 
 
 def _state(value: Any, plate_id: str | None, where: str) -> PlateState | BatchState:

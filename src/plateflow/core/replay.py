@@ -10,6 +10,8 @@ instead of silently producing other states.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from plateflow.core.batch import Batch
 from plateflow.core.journal import Journal
 from plateflow.errors import JournalError
@@ -17,20 +19,35 @@ from plateflow.errors import JournalError
 __all__ = ["replay"]
 
 
-def replay(journal: Journal, *, until: int | None = None) -> Batch:
+def replay(
+    journal: Journal, *, until: int | None = None, then: Callable[[], float] | None = None
+) -> Batch:
     """A fresh batch that has handled the journal's facts (the first ``until`` of them).
 
-    Raises ``JournalError`` naming the first record whose outcome differs.
+    Raises ``JournalError`` naming the first record whose outcome differs. The
+    batch's clock returns the recorded times during the replay and ``then``'s
+    afterwards (a resumed batch goes on with a live clock); without ``then``
+    the replayed batch cannot handle further facts.
     """
     header = journal.header
     records = journal.records if until is None else journal.records[:until]
     times = iter(r.time for r in records)
+
+    def clock() -> float:
+        recorded = next(times, None)
+        if recorded is not None:
+            return recorded
+        if then is None:
+            raise JournalError("a replayed batch has no clock of its own: pass replay(then=...)")
+        return then()
+
     batch = Batch(
         header.batch_id,
         header.plate_ids,
         mode=header.mode,
         policy=header.policy,
-        clock=lambda: next(times),
+        clock=clock,
+        context=header.context,
     )
     for expected in records:
         batch.handle(expected.fact)

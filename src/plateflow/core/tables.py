@@ -137,6 +137,7 @@ class Reason(StrEnum):
     CANCEL_REQUESTED = "cancel_requested"
     CANCEL_UNCONFIRMED = "cancel_unconfirmed"
     ENGINE_CANCELLED = "engine_cancelled"
+    LOST_IN_RESTART = "lost_in_restart"
 
 
 S = TypeVar("S", PlateState, BatchState)

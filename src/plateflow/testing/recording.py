@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import JsonValue
 
-from plateflow.core import BatchState, BatchSummary, PlateOutcome, PlateState
+from plateflow.core import BatchState, BatchSummary, PlateOutcome, PlateState, ResumedBatch
 from plateflow.host import BaseBatchHost, BatchHost
 
 if TYPE_CHECKING:
@@ -182,3 +182,6 @@ class RecordingHost(BaseBatchHost):
 
     def on_all_plates_completed(self, summary: BatchSummary) -> None:
         self._record("on_all_plates_completed", summary)
+
+    def on_resumed(self, resumed: ResumedBatch) -> None:
+        self._record("on_resumed", resumed)
