@@ -138,7 +138,7 @@ SINGLE_FRAMES: dict[str, tuple[bytes, str]] = {
     "100000-brackets": (b"[" * 100_000, "nested deeper than"),
     "50000-objects": (b'{"a":' * 50_000, "nested deeper than"),
     "lone-surrogate-id": (
-        b'{"v":2,"id":"\\ud800","type":"ping"}',
+        b'{"v":3,"id":"\\ud800","type":"ping"}',
         "a \\u escape that is not a whole character",
     ),
     "bom-ping": (BOM + _PING, "starts with a byte-order mark"),

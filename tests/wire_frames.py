@@ -90,7 +90,7 @@ refused. Counted here independently of ``decoding.MAX_DEPTH``."""
 SPEC_MAX_INT_DIGITS: Final = 4300
 """Promised: a number whose integer part has more digits is refused."""
 BOM: Final = b"\xef\xbb\xbf"
-ACTING: Final = frozenset({"compile", "execute", "cancel", "shutdown"})
+ACTING: Final = frozenset({"compile", "execute", "cancel", "lease", "release", "shutdown"})
 """Request types that change something when valid: the fuzz never sends them valid."""
 
 
@@ -170,7 +170,17 @@ def extra_field(draw: st.DrawFn) -> Frame:
 @st.composite
 def unknown_type(draw: st.DrawFn) -> Frame:
     raw = draw(templates())
-    known = {"ping", "compile", "execute", "status", "cancel", "server_info", "shutdown"}
+    known = {
+        "ping",
+        "compile",
+        "execute",
+        "status",
+        "cancel",
+        "lease",
+        "release",
+        "server_info",
+        "shutdown",
+    }
     raw["type"] = draw(st.text(max_size=12).filter(lambda t: t not in known))
     return Frame(json.dumps(raw).encode())
 
@@ -513,7 +523,7 @@ def token_frames(draw: st.DrawFn) -> Frame:
 def in_a_ping(draw: st.DrawFn) -> Frame:
     """The simplest request around a hostile token: as its ``v``, its ``id`` or extra."""
     where = draw(st.sampled_from(["v", "id", "type", "extra", "key"]))
-    fields = {b'"v"': b"2", b'"id"': b'"h"', b'"type"': b'"ping"'}
+    fields = {b'"v"': b"%d" % PROTOCOL_VERSION, b'"id"': b'"h"', b'"type"': b'"ping"'}
     if where == "key":
         fields[draw(hostile_keys)] = b"1"
     else:
@@ -603,7 +613,7 @@ def sized(draw: st.DrawFn, low: int, high: int) -> Frame:
     """A frame of ``low`` to ``high`` bytes: a padded request, whitespace or any bytes."""
     size = draw(st.sampled_from([low, high]) | st.integers(low, high))
     shape = draw(st.sampled_from(["padded", "spaced", "blank", "bytes"]))
-    ping = b'{"v":2,"id":"big","type":"ping"'
+    ping = b'{"v":%d,"id":"big","type":"ping"' % PROTOCOL_VERSION
     if shape == "padded":  # a whole ping with an extra field, exactly `size` bytes
         return Frame(ping + b',"pad":"' + b"p" * max(0, size - len(ping) - 10) + b'"}')
     if shape == "spaced":  # a whole, valid ping followed by whitespace

@@ -7,6 +7,20 @@ two servers. It remembers whether it started the server: only then does
 ``close`` shut it down (with the token) and reap it; a server it merely
 attached to is left running for its other clients.
 
+Leases: the engine's session holds a lease on the server from the start when
+it started the server or adopted a crashed engine's session, else from its
+first submission. The I/O thread renews it (a ``lease`` request carrying
+``heartbeat_timeout``, one in flight at a time) every two server heartbeat
+intervals or a quarter of the grace, whichever is shorter; ``close`` releases
+it, and the server stops whatever of the session's work is still unfinished.
+A server started by an engine runs with ``--exit-when-unowned``: if the
+process that started it dies without closing, the server stops the work and
+exits once the grace passes without a renewal, unless a resumed process
+adopts the session (:meth:`ZmqEngine.adopt`) and renews it in time. When the
+engine gives the server up as silent, it also sends a ``release`` marked
+lost, so a server that was only frozen stops that work as soon as it runs
+again (it would by its own measure of its silence, too).
+
 One client I/O thread owns every socket, because ZeroMQ sockets are not
 thread-safe: a DEALER on the control socket, a SUB (subscribed to
 everything) on the events socket and the inside end of an inproc PAIR. It
@@ -83,13 +97,16 @@ from plateflow.engines.base import (
     Engine,
     EngineError,
     FactSink,
+    Recovered,
     Submission,
     cancelled_fact,
     failed_fact,
     submission_key,
 )
 from plateflow.engines.zmq import rundir
-from plateflow.engines.zmq.rundir import ServerRecord
+from plateflow.engines.zmq.control import ask_info, find_server, list_servers, stop_server
+from plateflow.engines.zmq.lease import DEFAULT_LEASE_GRACE
+from plateflow.engines.zmq.rundir import ServerRecord, default_runtime_dir
 from plateflow.engines.zmq.wire import (
     DEFAULT_MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
@@ -98,7 +115,9 @@ from plateflow.engines.zmq.wire import (
     Event,
     ExecuteRequest,
     FactEvent,
+    LeaseRequest,
     PingRequest,
+    ReleaseRequest,
     Reply,
     ServerInfoRequest,
     ShutdownRequest,
@@ -114,11 +133,18 @@ from plateflow.errors import UsageError
 from plateflow.jobs import CompileJob
 
 __all__ = [
+    "DEFAULT_LEASE_GRACE",
     "DEFAULT_MAX_IN_FLIGHT",
     "POLL_TICK",
     "WINDOW_PER_WORKER",
     "ZmqEngine",
     "ZmqEngineStatistics",
+    # Re-exported: tools (the CLI) reach a server's control helpers through this module.
+    "ask_info",
+    "default_runtime_dir",
+    "find_server",
+    "list_servers",
+    "stop_server",
 ]
 
 _log = logging.getLogger(__name__)
@@ -190,6 +216,10 @@ class ZmqEngineStatistics:
     held: int
     """Submissions waiting in the client for room in the ``max_in_flight`` window."""
     broken: str | None
+    leased: bool = False
+    """Whether the engine's session holds a lease on the server (and renews it)."""
+    renewals: int = 0
+    """Lease renewals the server confirmed."""
 
 
 @dataclass(slots=True)
@@ -214,6 +244,7 @@ class _Counters:
     requests: int = 0
     timeouts: int = 0
     malformed: int = 0
+    renewals: int = 0
 
 
 @dataclass(slots=True)
@@ -236,7 +267,7 @@ def _tail(path: Path | None) -> str:
 
 @final
 class ZmqEngine(Engine):
-    """Run plates on a ``plateflow serve`` execution server over ZeroMQ.
+    r"""Run plates on a ``plateflow serve`` execution server over ZeroMQ.
 
     ``runtime_dir`` is where the server lives (default
     :func:`~plateflow.engines.zmq.rundir.default_runtime_dir`). With
@@ -255,6 +286,11 @@ class ZmqEngine(Engine):
     (the default) is :data:`WINDOW_PER_WORKER` per worker of the server (16
     for two), :data:`DEFAULT_MAX_IN_FLIGHT` when its record does not say;
     ``None`` sends everything at once.
+
+    A server this engine starts runs with ``--lease-grace lease_grace
+    --exit-when-unowned``: should this process die without closing, the server
+    stops its work and exits ``lease_grace`` seconds later, unless a resumed
+    process adopts this engine's :meth:`identity` (:meth:`adopt`) in time.
     """
 
     name = "zmq"
@@ -269,11 +305,13 @@ class ZmqEngine(Engine):
         request_timeout: float = 10.0,
         startup_timeout: float = 20.0,
         max_in_flight: int | Literal["auto"] | None = "auto",
+        lease_grace: float = DEFAULT_LEASE_GRACE,
     ) -> None:
         for label, value in (
             ("heartbeat_timeout", heartbeat_timeout),
             ("request_timeout", request_timeout),
             ("startup_timeout", startup_timeout),
+            ("lease_grace", lease_grace),
         ):
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{label} must be a positive number of seconds, got {value!r}")
@@ -295,10 +333,15 @@ class ZmqEngine(Engine):
         self._heartbeat_timeout = float(heartbeat_timeout)
         self._request_timeout = float(request_timeout)
         self._startup_timeout = float(startup_timeout)
+        self._lease_grace = float(lease_grace)
 
         self._client_id = uuid.uuid4().hex[:8]
         self._session = secrets.token_urlsafe(24)
         """Sent with every submission and cancel: only this session may cancel its work."""
+        self._leasing = False
+        """Whether the session holds a lease: renewed while running, released at close."""
+        self._adopted_server: str | None = None
+        """The server id named by the identity :meth:`adopt` took over."""
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         """Guards the outstanding submissions, the broken/closing flags and the outbox."""
@@ -346,6 +389,14 @@ class ZmqEngine(Engine):
         self._acks = 0
         """How many acknowledgements so far: a status request sent when it was ``n``
         comes after every submission numbered up to ``n`` reached the server."""
+        self._renewing = False
+        """A lease request is in flight."""
+        self._next_renewal = 0.0
+        """When the lease is renewed next (monotonic)."""
+        self._renew_every = POLL_TICK
+        """Seconds between renewals: set from the server's heartbeat and grace."""
+        self._release_lost = False
+        """Send a ``release`` marked lost: the server was given up as silent."""
 
     # --- the Engine interface ------------------------------------------------------------
 
@@ -397,6 +448,9 @@ class ZmqEngine(Engine):
         self._process = found.process
         self._token = found.token
         self._log_path = found.log_path
+        if found.process is not None:
+            self._leasing = True  # it exits when nobody holds a lease: hold one from now
+        self._renew_every = self._renewal_interval(found.record.heartbeat_interval, None)
         if found.record.heartbeat_interval >= self._heartbeat_timeout:
             message = (
                 f"heartbeat_timeout {self._heartbeat_timeout} s must exceed the server's "
@@ -520,11 +574,15 @@ class ZmqEngine(Engine):
         return info
 
     async def close(self) -> None:
-        """Stop the I/O thread and, if this engine started the server, shut it down. Idempotent.
+        """Release the lease, stop the I/O thread and, if this engine started the server, shut
+        it down. Idempotent.
 
-        A server it started gets a shutdown request (with the token); if it
-        does not exit within a few seconds it is terminated, then killed. A
-        server it attached to is left running.
+        Releasing the lease stops whatever of this session's work the server
+        still has (a server started for a client exits when its last lease is
+        released). A server it started gets a shutdown request (with the token)
+        unless it is exiting already; if it does not exit within a few seconds
+        it is terminated, then killed. A server it attached to is left running
+        for its other clients.
         """
         if self._closed:
             return
@@ -534,8 +592,11 @@ class ZmqEngine(Engine):
         process = self._process
         asked = False
         try:
+            if self._leasing and self._broken is None and self._thread_alive():
+                asked = await self._release_lease()
             if (
-                process is not None
+                not asked
+                and process is not None
                 and self._token is not None
                 and self._broken is None
                 and process.poll() is None
@@ -558,6 +619,129 @@ class ZmqEngine(Engine):
             await self._stop_thread()
             if process is not None:
                 await asyncio.to_thread(self._reap, process, asked)
+
+    # --- surviving a host restart ------------------------------------------------------------
+
+    def identity(self) -> dict[str, JsonValue]:
+        """The runtime dir, this engine's session and the id of the server it talks to.
+
+        The session is what lets a later process take the work over
+        (:meth:`adopt`); the token is never included.
+        """
+        record = self._record
+        server_id = self._server_id or (record.server_id if record is not None else None)
+        return {
+            "engine": self.name,
+            "runtime_dir": str(self._dir),
+            "session": self._session,
+            "server_id": server_id,
+        }
+
+    def adopt(self, identity: dict[str, JsonValue]) -> None:
+        """Before :meth:`start`: continue the session of the engine whose :meth:`identity` this is.
+
+        The lease is renewed from the start, so a server waiting for that
+        session keeps its work. Raises :class:`UsageError` for another engine's
+        identity, a malformed one, another runtime dir, or after start.
+        """
+        if self._thread is not None or self._ctx is not None or self._closed:
+            raise UsageError("adopt() must be called before start(), on a new ZmqEngine")
+        if identity.get("engine") != self.name:
+            raise UsageError(
+                f"cannot adopt the identity of a {identity.get('engine')!r} engine: "
+                "it was not written by a zmq engine"
+            )
+        runtime_dir, session = identity.get("runtime_dir"), identity.get("session")
+        server_id = identity.get("server_id")
+        if not isinstance(runtime_dir, str) or not runtime_dir:
+            raise UsageError("the zmq identity names no runtime_dir")
+        if not isinstance(session, str) or not 16 <= len(session) <= 128:
+            raise UsageError("the zmq identity has no valid session (16-128 characters)")
+        if server_id is not None and not isinstance(server_id, str):
+            raise UsageError("the zmq identity's server_id is not a string")
+        if Path(runtime_dir).resolve() != self._dir.resolve():
+            raise UsageError(
+                f"the work to adopt lives on the server in {runtime_dir}, but this engine "
+                f"uses {self._dir}; make the engine with runtime_dir={runtime_dir!r}"
+            )
+        self._session = session
+        self._adopted_server = server_id
+        self._leasing = True
+
+    async def recover(self, submissions: Sequence[Submission]) -> Recovered:
+        """After :meth:`start`: where each submission is now, in one status query (chunked).
+
+        Those the server knows are tracked again as this engine's own: their
+        later facts reach the sink, reconciliation covers them, and they count
+        against the window. ``never_ran`` vouches for the unknown ones only when
+        this is the very server the adopted identity names and it has forgotten
+        no finished submission (it never received them); a replaced server
+        vouches for nothing.
+        """
+        self._check_usable()
+        asked = {(s.phase, s.submission_id): s for s in submissions}
+        with self._lock:
+            # Tracked before asking: a terminal event arriving meanwhile then untracks it.
+            added = [key for key in asked if key not in self._outstanding]
+            for key in added:
+                self._outstanding[key] = asked[key]
+        self._leasing = True
+        known: dict[_Key, Fact] = {}
+        try:
+            for chunk in self._chunks(list(asked.values())):
+                request = StatusRequest(id=self._new_id(), submissions=chunk)
+                reply = await self._call(request, f"recover {len(chunk)} submissions")
+                if not reply.ok:
+                    raise EngineError(f"the zmq server refused a status request: {reply.error}")
+                for answer in reply.facts:
+                    found = submission_key(answer)
+                    if found is not None and found in asked:
+                        known[found] = answer
+        except BaseException:
+            with self._lock:
+                for key in added:
+                    self._outstanding.pop(key, None)
+            raise
+        with self._lock:
+            for key in asked:
+                now = known.get(key)
+                if now is None or isinstance(now, TERMINAL_FACTS):
+                    if key in added:
+                        self._outstanding.pop(key, None)
+                elif key in self._outstanding:
+                    self._acks += 1
+                    self._acked[key] = self._acks
+        unknown = tuple(s for key, s in asked.items() if key not in known)
+        never_ran: frozenset[str] = frozenset()
+        if unknown and await self._vouches():
+            never_ran = frozenset(s.submission_id for s in unknown)
+        return Recovered(facts=tuple(known.values()), unknown=unknown, never_ran=never_ran)
+
+    async def _vouches(self) -> bool:
+        """Whether a submission this server does not know certainly never reached it."""
+        if self._adopted_server is None or self._server_id != self._adopted_server:
+            return False  # not adopted, or replaced: the old server may have run it
+        info = await self.server_info()
+        return info.get("forgotten") == 0
+
+    async def _release_lease(self) -> bool:
+        """Give the lease back (closing); True when the server said it exits for it."""
+        request = ReleaseRequest(id=self._new_id(), session=self._session)
+        try:
+            reply = await self._call(
+                request,
+                "release",
+                timeout=min(self._request_timeout, _SHUTDOWN_TIMEOUT),
+                closing=True,
+            )
+        except EngineError as exc:
+            _log.warning("could not release the lease on the zmq server: %s", exc)
+            return False
+        if not reply.ok:
+            _log.warning("the zmq server refused to release the lease: %s", reply.error)
+            return False
+        result = reply.result
+        return isinstance(result, dict) and result.get("exiting") is True
 
     # --- extras ------------------------------------------------------------------------------
 
@@ -591,6 +775,8 @@ class ZmqEngine(Engine):
             outstanding=outstanding,
             held=held,
             broken=self._broken,
+            leased=self._leasing,
+            renewals=c.renewals,
         )
 
     def __repr__(self) -> str:
@@ -672,6 +858,9 @@ class ZmqEngine(Engine):
             "serve",
             "--runtime-dir",
             str(directory),
+            "--lease-grace",
+            str(self._lease_grace),
+            "--exit-when-unowned",
             *self._server_args,
         ]
         try:
@@ -848,7 +1037,11 @@ class ZmqEngine(Engine):
                     self._drain_events(events)
                 self._check_deadlines()
                 self._check_liveness()
-                self._flush_outbox(control)  # callers' requests and our own reconciliations
+                if self._release_lost:
+                    self._release_lost = False
+                    self._send_release_lost(control)
+                self._renew()
+                self._flush_outbox(control)  # callers' requests, our reconciliations, renewals
         except BaseException as exc:  # a bug here must not leave callers waiting
             _log.exception("the zmq client I/O thread crashed")
             self._lose(f"the client I/O thread crashed: {type(exc).__name__}: {exc}")
@@ -862,6 +1055,8 @@ class ZmqEngine(Engine):
         timeout = POLL_TICK
         if self._broken is None and not self._closing:
             timeout = min(timeout, self._last_event + self._heartbeat_timeout - now)
+            if self._leasing and not self._renewing:
+                timeout = min(timeout, self._next_renewal - now)
         if self._pending:
             timeout = min(timeout, self._next_deadline() - now)
         return max(0.0, timeout)
@@ -1150,6 +1345,51 @@ class ZmqEngine(Engine):
                 f"no event from the server {self._server_id} for {silent:.1f} s "
                 f"(heartbeat timeout {self._heartbeat_timeout} s): it is dead or frozen"
             )
+            # A frozen server that wakes must stop what this client reported lost.
+            self._release_lost = self._leasing
+
+    # --- the lease (I/O thread) ---------------------------------------------------------------
+
+    def _renewal_interval(self, heartbeat_interval: float, grace: float | None) -> float:
+        grace = self._lease_grace if grace is None else grace
+        return max(POLL_TICK, min(2 * heartbeat_interval, grace / 4))
+
+    def _renew(self) -> None:
+        """Renew the lease when due: one ``lease`` request in flight at a time."""
+        if not self._leasing or self._renewing or self._broken is not None or self._closing:
+            return
+        now = time.monotonic()
+        if now < self._next_renewal:
+            return
+        self._renewing = True
+        self._next_renewal = now + self._renew_every
+        rid = self._new_id()
+        frame = encode(
+            LeaseRequest(id=rid, session=self._session, loss_timeout=self._heartbeat_timeout)
+        )
+
+        def done(result: Reply | EngineError) -> None:
+            self._renewing = False
+            if isinstance(result, EngineError) or not result.ok:
+                why = result if isinstance(result, EngineError) else result.error
+                _log.warning("the lease was not renewed (retrying): %s", why)
+                return
+            self._counters.renewals += 1
+            answer = result.result
+            grace = answer.get("grace") if isinstance(answer, dict) else None
+            record = self._record
+            if isinstance(grace, int | float) and grace > 0 and record is not None:
+                self._renew_every = self._renewal_interval(record.heartbeat_interval, grace)
+
+        self._outbox.put((rid, frame, _Pending(done, self._request_timeout, "lease")))
+
+    def _send_release_lost(self, control: zmq.Socket[bytes]) -> None:
+        """Tell the server, best effort, that this client gave it up (no reply awaited)."""
+        frame = encode(ReleaseRequest(id=self._new_id(), session=self._session, lost=True))
+        try:
+            control.send(frame, zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            _log.info("could not tell the lost server to stop this session's work: %s", exc)
 
     def _lose(self, reason: str) -> None:
         """Report the server lost: once, never while closing (I/O thread only)."""
@@ -1248,9 +1488,10 @@ class ZmqEngine(Engine):
             refused one is rejected (after the server is lost, _push drops it:
             EngineLost says it all)."""
             if isinstance(result, Reply) and result.ok:
-                if key in self._outstanding:  # not finished already (events may be first)
-                    self._acks += 1
-                    self._acked[key] = self._acks
+                with self._lock:
+                    if key in self._outstanding:  # not finished already (events may be first)
+                        self._acks += 1
+                        self._acked[key] = self._acks
                 return
             with self._lock:
                 self._outstanding.pop(key, None)
@@ -1264,6 +1505,7 @@ class ZmqEngine(Engine):
         # submission's Rejected fact says so. A phase of a thousand submissions is a
         # thousand queued frames, not a thousand waits on the caller's loop.
         assert isinstance(request.id, str)
+        self._leasing = True  # the server keeps this work only while the session holds a lease
         pending = _Pending(answered, 0.0, f"{submission.phase} {submission.submission_id}")
         with self._lock:
             window = self._max_in_flight

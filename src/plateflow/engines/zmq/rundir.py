@@ -18,6 +18,12 @@ Layout::
     <dir>/token          the shutdown token (0600)
     <dir>/server.lock    flock held by the live server
     <dir>/start.lock     flock held by a client while it starts a server
+
+Servers live in many runtime dirs (a batch file may choose its own), so each
+one also *registers* while it runs: ``<default runtime dir>/servers/<server
+id>.json`` names its runtime dir and pid, and is removed when it stops.
+:func:`registered` lists the live ones, skipping (and removing) the records
+of servers that died without cleaning up.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import stat
 import tempfile
@@ -36,16 +43,22 @@ from plateflow.core.decoding import decode_object
 from plateflow.errors import DecodeError, UsageError
 
 __all__ = [
+    "Registration",
     "ServerRecord",
     "default_runtime_dir",
     "ensure_private_dir",
     "exclusive_lock",
     "read_record",
     "read_token",
+    "register",
+    "registered",
     "server_alive",
+    "unregister",
     "write_private",
     "write_record",
 ]
+
+_log = logging.getLogger(__name__)
 
 ENV_VAR = "PLATEFLOW_RUNTIME_DIR"
 _MAX_RECORD_BYTES = 64 * 1024
@@ -151,3 +164,101 @@ def exclusive_lock(path: Path, *, blocking: bool = True) -> Iterator[int]:
         yield fd
     finally:
         os.close(fd)  # closing releases the lock
+
+
+# --- the registry of running servers ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """A running server, as its registry record names it."""
+
+    server_id: str
+    pid: int
+    runtime_dir: str
+    started_at: float
+    owned: bool = False
+    """Whether it exits once no client holds a lease (a server a client started)."""
+
+
+def registry_dir() -> Path:
+    """Where servers register: ``servers/`` in the default runtime dir."""
+    return default_runtime_dir() / "servers"
+
+
+def register(record: ServerRecord, directory: Path, *, owned: bool) -> Path | None:
+    """Register a listening server; the path to remove at exit, or None if it could not be.
+
+    Registering is a courtesy to ``plateflow status``: a failure is logged and
+    changes nothing else.
+    """
+    entry = Registration(
+        server_id=record.server_id,
+        pid=record.pid,
+        runtime_dir=str(directory),
+        started_at=record.started_at,
+        owned=owned,
+    )
+    try:
+        ensure_private_dir(default_runtime_dir())
+        where = ensure_private_dir(registry_dir())
+        path = where / f"{record.server_id}.json"
+        write_private(path, json.dumps(asdict(entry)))
+    except (OSError, UsageError) as exc:
+        _log.warning("could not register the server for `plateflow status`: %s", exc)
+        return None
+    return path
+
+
+def unregister(path: Path | None) -> None:
+    if path is not None:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, someone else's: the runtime dir check below decides
+    return True
+
+
+def registered() -> list[Registration]:
+    """The registered servers still running, oldest first; stale records are removed.
+
+    A record is stale when its pid is gone, or its runtime dir no longer has a
+    live server with that id (a pid can be reused).
+    """
+    where = registry_dir()
+    try:
+        paths = sorted(where.glob("*.json"))
+    except OSError:
+        return []
+    found: list[Registration] = []
+    for path in paths:
+        try:
+            raw = decode_object(path.read_bytes(), max_bytes=_MAX_RECORD_BYTES, what=path.name)
+            entry = Registration(**raw)
+        except (OSError, DecodeError, TypeError):
+            continue  # being written, or not ours: leave it alone
+        directory = Path(entry.runtime_dir)
+        try:
+            record = read_record(directory)
+            live = (
+                _pid_alive(entry.pid)
+                and server_alive(directory)
+                and record is not None
+                and record.server_id == entry.server_id
+            )
+        except OSError:
+            live = False
+        if not live:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            continue
+        found.append(entry)
+    found.sort(key=lambda entry: entry.started_at)
+    return found

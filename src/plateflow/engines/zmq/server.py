@@ -40,6 +40,17 @@ the server stops (a shutdown request, a signal, a crash), its last event is a
 cancellations of closing its worker pool are *not* published: nobody asked
 for them, and a client must report its work lost (``engine_lost``), not
 ``engine_cancelled``.
+
+Every submission belongs to a session, and a session keeps its work only
+while it holds a lease (:mod:`~plateflow.engines.zmq.lease`). Once per turn,
+right after the poller wakes and before any request is served, the loop ends
+the leases of clients that have given the server up: the longest pause
+between two published events is measured, and a pause longer than a client's
+loss timeout (the server was stopped, swapped out or stalled) means that
+client has already reported its work ``engine_lost``; that work is stopped
+at once. After the requests, it ends the leases nobody renewed for the
+grace. A server started for a client (``owned``) exits when no lease is left;
+a standalone one only stops the work of the ended leases.
 """
 
 from __future__ import annotations
@@ -68,6 +79,7 @@ from plateflow.engines._wakeup import WakePipe
 from plateflow.engines.base import TERMINAL_FACTS, EngineError, Submission, submission_key
 from plateflow.engines.local import DEFAULT_KEEP_FINISHED, LocalEngine
 from plateflow.engines.zmq import rundir
+from plateflow.engines.zmq.lease import DEFAULT_LEASE_GRACE, Ended, LeaseBook
 from plateflow.engines.zmq.rundir import ServerRecord
 from plateflow.engines.zmq.wire import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -78,7 +90,9 @@ from plateflow.engines.zmq.wire import (
     ExecuteRequest,
     FactEvent,
     HeartbeatEvent,
+    LeaseRequest,
     PingRequest,
+    ReleaseRequest,
     Reply,
     Request,
     ServerInfoRequest,
@@ -93,7 +107,7 @@ from plateflow.engines.zmq.wire import (
 from plateflow.errors import UsageError
 from plateflow.pipeline.run import DEFAULT_ALLOWED_MODULES
 
-__all__ = ["DEFAULT_ALLOWED_MODULES", "ExecutionServer", "ServerRecord"]
+__all__ = ["DEFAULT_ALLOWED_MODULES", "DEFAULT_LEASE_GRACE", "ExecutionServer", "ServerRecord"]
 
 _log = logging.getLogger(__name__)
 
@@ -139,6 +153,11 @@ class ExecutionServer:
     either way. ``max_workers``, ``allowed_modules``, ``output_dir``,
     ``cancel_grace`` and ``keep_finished`` go to the :class:`LocalEngine`. A heartbeat is published
     every ``heartbeat_interval`` seconds.
+
+    A client session's lease lasts ``lease_grace`` seconds unrenewed; when it
+    ends, the session's unfinished work is stopped. With ``owned`` (a server
+    started for a client) the server also exits once no session holds a lease,
+    or when none took one within ``lease_grace`` of the start.
     """
 
     def __init__(
@@ -153,6 +172,8 @@ class ExecutionServer:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         cancel_grace: float = 2.0,
         keep_finished: int | None = DEFAULT_KEEP_FINISHED,
+        lease_grace: float = DEFAULT_LEASE_GRACE,
+        owned: bool = False,
     ) -> None:
         if tcp_port is not None and not 0 <= tcp_port <= 65534:
             raise UsageError(f"tcp_port must be within 0..65534, got {tcp_port}")
@@ -170,6 +191,8 @@ class ExecutionServer:
             raise UsageError(
                 f"cancel_grace must be a positive number of seconds, got {cancel_grace}"
             )
+        if not (math.isfinite(lease_grace) and lease_grace > 0):
+            raise UsageError(f"lease_grace must be a positive number of seconds, got {lease_grace}")
         self._runtime_dir = Path(runtime_dir) if runtime_dir else rundir.default_runtime_dir()
         self._tcp_port = tcp_port
         self._max_workers = max_workers
@@ -179,6 +202,7 @@ class ExecutionServer:
         self._max_message_bytes = int(max_message_bytes)
         self._cancel_grace = float(cancel_grace)
         self._keep_finished = keep_finished
+        self._owned = bool(owned)
 
         self.server_id = uuid.uuid4().hex
         """New on every start (every :class:`ExecutionServer`); clients see a restart by it."""
@@ -189,9 +213,14 @@ class ExecutionServer:
         self._record: ServerRecord | None = None
 
         self._pub_lock = threading.Lock()
-        """Held for every use of the PUB socket, of ``_seq``, ``_owners`` and ``_muted``."""
-        self._owners: dict[_Key, str] = {}
-        """The session that submitted each unfinished submission: who may cancel it."""
+        """Held for every use of the PUB socket, of ``_seq``, ``_muted`` and the silence."""
+        self._leases = self._new_book(float(lease_grace))
+        """Who owns each unfinished submission, and which sessions still want theirs."""
+        self._last_event = time.monotonic()
+        """When the last event was published (monotonic)."""
+        self._longest_silence = 0.0
+        """The longest pause between two events since the loop last looked."""
+        self._registration: Path | None = None
         self._muted = False
         """Set with the stopping event: nothing is published after it."""
         self._failures = 0
@@ -218,6 +247,16 @@ class ExecutionServer:
     def record(self) -> ServerRecord | None:
         """What ``server.json`` says, once the server is listening."""
         return self._record
+
+    @property
+    def stop_reason(self) -> str:
+        """Why the server stopped (or is stopping); empty while it serves."""
+        return self._stop_reason
+
+    @property
+    def owned(self) -> bool:
+        """Whether the server exits once no client holds a lease."""
+        return self._owned
 
     def stop(self, reason: str = "stop requested") -> None:
         """Ask :meth:`run` to shut down cleanly. Thread-safe, idempotent, never blocks."""
@@ -283,7 +322,9 @@ class ExecutionServer:
                 workers=engine.max_workers,
             )
             rundir.write_record(directory, self._record)
+            self._registration = rundir.register(self._record, directory, owned=self._owned)
             self._started = time.monotonic()
+            self._leases = self._new_book(self._leases.grace)
             _log.info("serving %s in %s", self.server_id, directory)
             try:
                 if on_ready is not None:
@@ -298,6 +339,7 @@ class ExecutionServer:
                 # Say we are going before the (possibly slow) engine close.
                 with contextlib.suppress(FileNotFoundError):
                     (directory / "server.json").unlink()
+                rundir.unregister(self._registration)
                 self._farewell(self._stop_reason or "stopped")
 
     def __repr__(self) -> str:
@@ -307,6 +349,14 @@ class ExecutionServer:
         )
 
     # --- startup and cleanup ---------------------------------------------------------
+
+    def _new_book(self, grace: float) -> LeaseBook:
+        return LeaseBook(
+            grace,
+            heartbeat_interval=self._heartbeat_interval,
+            started=self._started,
+            keep=self._keep_finished or DEFAULT_KEEP_FINISHED,
+        )
 
     def _bind(self, context: zmq.Context[zmq.Socket[bytes]], directory: Path) -> None:
         router = context.socket(zmq.ROUTER)
@@ -416,6 +466,9 @@ class ExecutionServer:
         assert wakeup is not None
         poller.register(wakeup.fileno(), zmq.POLLIN)
         self._next_beat = time.monotonic()
+        with self._pub_lock:  # silence is measured from here, not from the constructor
+            self._last_event = self._next_beat
+            self._longest_silence = 0.0
         while not self._stop.is_set():
             try:
                 self._turn(poller, router, wakeup)
@@ -431,7 +484,13 @@ class ExecutionServer:
                 self._failures = 0
 
     def _turn(self, poller: zmq.Poller, router: zmq.Socket[bytes], wakeup: WakePipe) -> None:
-        """One turn of the loop: a heartbeat when due, then what arrived."""
+        """One turn of the loop: a heartbeat when due, then what arrived, then the leases.
+
+        Clients that gave the server up while it was silent are dealt with before
+        anything else, on waking (and again at the start of the turn, for a stall
+        in the middle of one): their work must stop before more is served.
+        """
+        self._end_lost_leases()
         now = time.monotonic()
         if now >= self._next_beat:
             self._publish(
@@ -444,6 +503,7 @@ class ExecutionServer:
                 self._next_beat = now + self._heartbeat_interval
         timeout_ms = max(0, math.ceil((self._next_beat - time.monotonic()) * 1000))
         ready = dict(poller.poll(timeout_ms))
+        self._end_lost_leases()
         if wakeup.fileno() in ready:
             wakeup.drain()
         if router in ready:
@@ -455,12 +515,56 @@ class ExecutionServer:
                 self._on_message(frames)
                 if self._stop.is_set():
                     break
+        now = time.monotonic()
+        for ended in self._leases.expired(now):
+            self._stop_work(ended)
+        self._exit_if_unowned(now)
+
+    # --- leases ---------------------------------------------------------------------
+
+    def _silence(self) -> float:
+        """The longest pause between events since the last call, up to now."""
+        with self._pub_lock:
+            silence = max(self._longest_silence, time.monotonic() - self._last_event)
+            self._longest_silence = 0.0
+        return silence
+
+    def _end_lost_leases(self) -> None:
+        for ended in self._leases.lost(self._silence()):
+            self._stop_work(ended)
+
+    def _stop_work(self, ended: Ended) -> None:
+        """Stop the unfinished work of a lease that ended (failed, not cancelled, unless
+        its client released it)."""
+        engine = self._engine
+        _log.info(
+            "the lease of session %s %s (%s); stopping %s submission(s)",
+            ended.session_tag,
+            ended.why,
+            ended.reason,
+            len(ended.submissions),
+        )
+        self._leases.doom(ended)
+        if engine is None:
+            return
+        for phase, submission_id in ended.submissions:
+            # The pool names the plate in the facts it pushes; the key is all it needs.
+            engine.cancel_now(Submission("", phase, submission_id))
+
+    def _exit_if_unowned(self, now: float) -> bool:
+        if not self._owned or self._stop.is_set():
+            return self._stop.is_set()
+        reason = self._leases.unowned(now)
+        if reason is None:
+            return False
+        self.stop(f"unowned: {reason}")
+        return True
 
     def _sink(self, fact: Fact) -> None:
         """The engine's fact sink: any thread; publishes at once, never blocks."""
         if isinstance(fact, TERMINAL_FACTS) and (key := submission_key(fact)) is not None:
-            with self._pub_lock:
-                self._owners.pop(key, None)
+            fact = self._leases.restate(fact)
+            self._leases.finished(key)
         self._publish(lambda seq: FactEvent(server_id=self.server_id, seq=seq, fact=fact))
 
     def _farewell(self, reason: str) -> None:
@@ -492,6 +596,9 @@ class ExecutionServer:
             if self._muted:
                 return
             self._muted = last
+            now = time.monotonic()
+            self._longest_silence = max(self._longest_silence, now - self._last_event)
+            self._last_event = now
             seq = self._seq
             self._seq += 1  # a dropped event still uses its seq: that is how clients see a gap
             if self._pub is None:
@@ -566,9 +673,34 @@ class ExecutionServer:
             return self._submit(engine, request)
         if isinstance(request, StatusRequest):
             facts = engine.status_now([_submission(s) for s in request.submissions])
-            return Reply(id=request.id, ok=True, facts=tuple(facts))
+            return Reply(id=request.id, ok=True, facts=tuple(self._leases.restated(facts)))
         if isinstance(request, CancelRequest):
             return self._cancel(engine, request)
+        if isinstance(request, LeaseRequest):
+            self._leases.renew(request.session, time.monotonic(), request.loss_timeout)
+            return Reply(
+                id=request.id,
+                ok=True,
+                result={
+                    "server_id": self.server_id,
+                    "grace": self._leases.grace,
+                    "owned": self._owned,
+                },
+            )
+        if isinstance(request, ReleaseRequest):
+            ended = self._leases.release(request.session, lost=request.lost)
+            if ended is not None:
+                self._stop_work(ended)
+            exiting = self._exit_if_unowned(time.monotonic())
+            return Reply(
+                id=request.id,
+                ok=True,
+                result={
+                    "released": ended is not None,
+                    "stopped": len(ended.submissions) if ended is not None else 0,
+                    "exiting": exiting,
+                },
+            )
         if isinstance(request, ServerInfoRequest):
             info = engine.info_now()
             info.update(self._info())
@@ -595,24 +727,21 @@ class ExecutionServer:
                 ok=False,
                 error=f"duplicate submission: this server already has {key[0]} {key[1]!r}",
             )
-        with self._pub_lock:
-            self._owners[key] = request.session
+        self._leases.submitted(request.session, key, time.monotonic())
         try:
             if isinstance(request, CompileRequest):
                 engine.submit_compile_now(request.job_id, request.job)
             else:
                 engine.submit_execution_now(request.execution_id, request.job, request.artifact_id)
         except BaseException:
-            with self._pub_lock:
-                self._owners.pop(key, None)
+            self._leases.finished(key)
             raise
         return Reply(id=request.id, ok=True)
 
     def _cancel(self, engine: LocalEngine, request: CancelRequest) -> Reply:
         submission = request.submission
         key = (submission.phase, submission.submission_id)
-        with self._pub_lock:
-            owner = self._owners.get(key)
+        owner = self._leases.owner(key)
         if owner is None:
             return Reply(id=request.id, ok=True)  # finished or unknown: nothing to cancel
         allowed = (
@@ -647,4 +776,8 @@ class ExecutionServer:
             "control": record.control if record else None,
             "events": record.events if record else None,
             "runtime_dir": str(self._runtime_dir),
+            "owned": self._owned,
+            "lease_grace": self._leases.grace,
+            "leases": self._leases.snapshot(time.monotonic()),
+            "leases_ended": dict(self._leases.ended),
         }

@@ -27,6 +27,12 @@ can always be encoded again (into a reply, a log, a journal).
 Who may cancel: a ``compile`` or ``execute`` request carries the client's
 ``session``, a secret the client chose; a ``cancel`` is carried out only for
 the session that submitted, or with the server's token.
+
+Who still wants the work: a session holds a *lease* on the server, renewed by
+``lease`` requests that also say how soon that client gives the server up
+(its heartbeat timeout). A session whose lease lapses, whose client has
+given the server up, or which sends ``release``, has its unfinished work
+stopped; a server started for a client exits once nobody holds a lease.
 """
 
 from __future__ import annotations
@@ -59,7 +65,9 @@ __all__ = [
     "ExecuteRequest",
     "FactEvent",
     "HeartbeatEvent",
+    "LeaseRequest",
     "PingRequest",
+    "ReleaseRequest",
     "Reply",
     "Request",
     "ServerInfoRequest",
@@ -74,7 +82,7 @@ __all__ = [
     "encode",
 ]
 
-PROTOCOL_VERSION: Final = 2
+PROTOCOL_VERSION: Final = 3
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
 """Frames larger than this (1 MiB) are refused before they are parsed."""
 MAX_ID_LENGTH: Final = MAX_PLATE_ID_LENGTH
@@ -83,6 +91,8 @@ MAX_REQUEST_ID_LENGTH: Final = 128
 """A request's ``id`` (the correlation id): at most this many characters."""
 MAX_REASON_LENGTH: Final = 2_000
 """A :class:`StoppingEvent`'s reason is cut to this many characters."""
+MAX_SECONDS: Final = 86_400.0 * 365
+"""A duration on the wire (a loss timeout): at most a year."""
 
 
 _FROM_WIRE: Final[dict[str, bool]] = {"wire": True}
@@ -105,12 +115,12 @@ class WireError(DecodeError):
 class _Message(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    v: Literal[2] = PROTOCOL_VERSION
+    v: Literal[3] = PROTOCOL_VERSION
 
     @model_validator(mode="before")
     @classmethod
     def _version_on_the_wire(cls, data: Any, info: ValidationInfo) -> Any:
-        """Decoding a frame, ``v`` must be there and be the integer 2 (not 2.0).
+        """Decoding a frame, ``v`` must be there and be the integer 3 (not 3.0).
 
         Built in code, a message may leave ``v`` to its default.
         """
@@ -189,6 +199,27 @@ class CancelRequest(_Request):
     token: str | None = Field(default=None, min_length=1, max_length=256)
 
 
+class LeaseRequest(_Request):
+    """Take or renew the session's lease; ``loss_timeout`` is how long this client waits
+    for an event before it reports the server lost (and with it the session's work)."""
+
+    type: Literal["lease"] = "lease"
+    session: Session
+    loss_timeout: float = Field(gt=0, le=MAX_SECONDS)
+
+
+class ReleaseRequest(_Request):
+    """Give the session's lease back: its unfinished submissions are stopped.
+
+    ``lost``: the client has already reported that work lost (it gave the server
+    up), so it ends ``*_failed`` rather than ``*_cancelled``.
+    """
+
+    type: Literal["release"] = "release"
+    session: Session
+    lost: bool = False
+
+
 class ServerInfoRequest(_Request):
     type: Literal["server_info"] = "server_info"
 
@@ -204,6 +235,8 @@ Request = Annotated[
     | ExecuteRequest
     | StatusRequest
     | CancelRequest
+    | LeaseRequest
+    | ReleaseRequest
     | ServerInfoRequest
     | ShutdownRequest,
     Field(discriminator="type"),
@@ -298,7 +331,7 @@ def decode_request(frame: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) 
     raw = _object(frame, max_bytes)
     request_id = _request_id(raw)
     version = raw.get("v")
-    if type(version) is not int or version != PROTOCOL_VERSION:  # not True, not 2.0
+    if type(version) is not int or version != PROTOCOL_VERSION:  # not True, not 3.0
         raise WireError(
             f"protocol version {version!r:.40} is not supported (this server speaks "
             f"{PROTOCOL_VERSION})",
