@@ -91,3 +91,49 @@ def undecodable(data: object, ctx: StepContext, what: str = "error") -> object:
     if what == "result":
         return {"file": name}
     raise FileNotFoundError(f"no such file: {name}")
+
+
+def gated_mark(
+    data: object, ctx: StepContext, folder: str, pause: float = 0.0, timeout: float = 30.0
+) -> dict[str, JsonValue]:
+    """Do the plate's work once: append ``<pid>`` as a line to ``folder/<plate>.marks``.
+
+    It first announces its pid, then waits until ``folder/<plate>.go`` exists
+    (the test's gate: a plate whose gate is closed is "still running"), then
+    works for ``pause`` seconds. The marks file tells how often the work ran.
+    """
+    _announce(ctx)
+    gate = Path(folder, f"{ctx.plate_id}.go")
+    deadline = time.monotonic() + timeout
+    while not gate.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{gate} never appeared")
+        time.sleep(_TICK)
+    time.sleep(pause)
+    with open(Path(folder, f"{ctx.plate_id}.marks"), "a", encoding="utf-8") as marks:
+        marks.write(f"{os.getpid()}\n")
+    return {"plate": ctx.plate_id, "pid": os.getpid()}
+
+
+def tick_until_cancelled(
+    data: object, ctx: StepContext, directory: str, every: float = 0.05, timeout: float = 30.0
+) -> object:
+    """Append a line (the Unix time) to ``<directory>/<plate id>.ticks`` every ``every``
+    seconds until cancelled: while the file grows, the plate's work is running."""
+    _announce(ctx)
+    path = Path(directory) / f"{ctx.plate_id}.ticks"
+    deadline = time.monotonic() + timeout
+    with path.open("a", encoding="utf-8") as marks:
+        while time.monotonic() < deadline:
+            ctx.check_cancelled()
+            marks.write(f"{time.time():.6f}\n")
+            marks.flush()
+            time.sleep(every)
+    raise TimeoutError("tick_until_cancelled was never cancelled")
+
+
+def mark(data: object, ctx: StepContext, directory: str) -> object:
+    """Append one line to ``<directory>/<plate id>``: a count of how often the plate ran."""
+    with open(Path(directory) / ctx.plate_id, "a", encoding="utf-8") as out:
+        out.write(f"ran in {os.getpid()}\n")
+    return data

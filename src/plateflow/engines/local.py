@@ -37,8 +37,18 @@ should not keep any (``max_jobs_per_worker`` bounds what leaks).
 Workers are started with ``forkserver`` by default (with this module
 preloaded, a worker is ready in ~10 ms instead of ~350 ms for ``spawn``);
 ``fork`` is refused because the parent runs threads. Workers are daemonic, so
-a step cannot start processes of its own, and they exit by themselves if the
-parent process dies.
+a step cannot start processes of its own.
+
+Every worker has an owner, the engine's process, and watches it from a
+thread (``OwnerWatch``: the parent's sentinel, which the kernel closes however
+that process dies). When the owner is gone a worker starts nothing new and
+exits; with a *ledger* it first finishes and records the step it is running.
+The ledger (:mod:`plateflow.engines._ledger`) is a directory where a worker
+claims each submission before its step runs and records its terminal fact
+after. A new engine in a new process adopts the ledger and recovers from it:
+settled submissions from their records, ones a dead engine's worker still
+runs by watching that process (the watcher waits on its pidfd too), and the
+rest as never started.
 """
 
 from __future__ import annotations
@@ -51,6 +61,7 @@ import json
 import logging
 import multiprocessing
 import os
+import secrets
 import signal
 import tempfile
 import threading
@@ -78,17 +89,19 @@ from plateflow.core.facts import (
     ExecutionSucceeded,
     Fact,
 )
+from plateflow.engines._ledger import Ledger, LedgerError, Orphan, OwnerWatch, process_start
 from plateflow.engines._wakeup import WakePipe
 from plateflow.engines.base import (
     Engine,
     EngineError,
     FactSink,
+    Recovered,
     Submission,
     cancelled_fact,
     failed_fact,
     status_fact,
 )
-from plateflow.errors import DecodeError
+from plateflow.errors import DecodeError, UsageError
 from plateflow.jobs import CompileJob
 from plateflow.pipeline.run import (
     DEFAULT_ALLOWED_MODULES,
@@ -116,6 +129,8 @@ _COMPILED_CACHE: Final = 32
 """Compiled pipelines a worker keeps, by spec: a batch usually has one."""
 _MAX_REPORT_BYTES: Final = 64 << 20
 """A worker report holds at most a result (16 MiB of JSON, checked by the worker)."""
+_ORPHAN_POLL: Final = 0.25
+"""Seconds between looks at an adopted worker where the system offers no pidfd."""
 
 
 # --- the worker process ----------------------------------------------------------
@@ -126,7 +141,9 @@ _send_lock = threading.Lock()  # a step may report progress from threads of its 
 
 def _send(conn: Connection, message: dict[str, Any]) -> None:
     data = json.dumps(message, separators=(",", ":")).encode("utf-8")
-    with _send_lock:
+    # An orphan finishing its step has nobody to tell (its ledger will), so a
+    # closed pipe must not fail the step that reports progress into it.
+    with _send_lock, contextlib.suppress(OSError):
         conn.send_bytes(data)
 
 
@@ -151,26 +168,45 @@ def _describe(exc: BaseException) -> str:
     return valid_text(text)
 
 
-def _exit_when_parent_dies() -> None:
-    """Exit at once when the engine's process is gone, so no worker outlives it."""
-    parent = multiprocessing.parent_process()
-    if parent is None:
-        return
-    sentinel = parent.sentinel
+def _terminal_fact(
+    submission: Submission, kind: str, message: dict[str, Any], cancel_requested: bool
+) -> Fact | None:
+    """The terminal fact a worker's report means (None: not a terminal report).
 
-    def watch() -> None:
-        wait([sentinel])
-        os._exit(70)
+    The worker records it in the ledger and the engine pushes it, from the same rule.
+    """
+    plate_id, sid = submission.plate_id, submission.submission_id
+    if kind == "compiled":
+        artifact_id = str(message["artifact_id"])
+        return CompileSucceeded(
+            observed_at=time.time(), plate_id=plate_id, job_id=sid, artifact_id=artifact_id
+        )
+    if kind == "succeeded":
+        result = message["result"]
+        return ExecutionSucceeded(
+            observed_at=time.time(), plate_id=plate_id, execution_id=sid, result=result
+        )
+    if kind == "failed":  # after a cancel request, most likely the cancel itself
+        if cancel_requested:
+            return cancelled_fact(submission)
+        return failed_fact(submission, str(message["error"]))
+    if kind == "cancelled":
+        return cancelled_fact(submission)
+    return None
 
-    threading.Thread(target=watch, name="plateflow-parent-watch", daemon=True).start()
+
+@dataclasses.dataclass(slots=True)
+class _WorkerSetup:
+    """What a worker is started with, besides its pipe and cancel flag."""
+
+    allowed_modules: tuple[str, ...]
+    output_dir: str
+    ledger_dir: str | None
+    token: str
+    """The engine's ledger token: a claim counts only while the ledger's owner has it."""
 
 
-def _worker_main(
-    conn: Connection,
-    cancel_flag: Any,
-    allowed_modules: tuple[str, ...],
-    output_dir: str,
-) -> None:
+def _worker_main(conn: Connection, cancel_flag: Any, setup: _WorkerSetup) -> None:
     """Serve jobs from ``conn`` one at a time until told to exit or the pipe closes.
 
     A job is ``{"t": "job", "n": <job number>, ...}``; every report about it
@@ -181,47 +217,111 @@ def _worker_main(
     # Ctrl-C in a terminal reaches the whole process group; the parent decides
     # what to cancel, so a worker must not die of the user's keystroke.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _exit_when_parent_dies()
+    ledger = None if setup.ledger_dir is None else Ledger(setup.ledger_dir)
+    owner = OwnerWatch(finish_current=ledger is not None)
+    owner.start()
+    pid_start = process_start(os.getpid())
     compiled_by_spec: dict[str, CompiledPipeline] = {}
     while True:
         try:
             job = json.loads(conn.recv_bytes())
         except (EOFError, OSError):
             return
-        if job.get("t") != "job":
+        if job.get("t") != "job" or not owner.begin():
             return
-        n = int(job["n"])
-        _send(conn, {"t": "started", "n": n, "pid": os.getpid()})
         try:
-            compiled = compiled_by_spec.get(job["spec"])
-            if compiled is None:
-                compiled = compile_pipeline(
-                    PipelineSpec.model_validate_json(job["spec"]), allowed_modules=allowed_modules
-                )
-                if len(compiled_by_spec) >= _COMPILED_CACHE:
-                    compiled_by_spec.pop(next(iter(compiled_by_spec)))
-                compiled_by_spec[job["spec"]] = compiled
-            if job["phase"] == "compile":
-                _send(conn, {"t": "compiled", "n": n, "artifact_id": compiled.fingerprint})
-                continue
-            ctx = StepContext(
-                plate_id=job["plate_id"],
-                plate_path=job["plate_path"],
-                output_dir=output_dir,
-                _report=_reporter(conn, n),
-                _is_cancelled=_cancel_check(cancel_flag, n),
+            if not _claim(conn, job, ledger, setup.token, pid_start):
+                return
+            report = _run_job(conn, job, cancel_flag, setup, compiled_by_spec)
+            leave = bool(report.pop("exit", False))  # SystemExit, KeyboardInterrupt
+            if ledger is not None:
+                _record(ledger, job, report, cancelled=cancel_flag.value == report["n"])
+            _send(conn, report)
+            if leave:
+                return
+        finally:
+            owner.end()
+
+
+def _claim(
+    conn: Connection, job: dict[str, Any], ledger: Ledger | None, token: str, start: str | None
+) -> bool:
+    """Claim the job in the ledger, then report ``started``; False: the ledger has a new owner."""
+    n = int(job["n"])
+    if ledger is not None:
+        submission = Submission(job["plate_id"], job["phase"], job["sid"])
+        try:
+            claimed = ledger.claim(submission, token, start)
+        except (OSError, LedgerError) as exc:
+            error = f"cannot write the engine's ledger {ledger.path}: {exc}"
+            _send(conn, {"t": "failed", "n": n, "error": valid_text(error)})
+            return True
+        if claimed == "fenced":
+            return False
+        if claimed == "taken":
+            error = (
+                f"the ledger {ledger.path} already holds {job['phase']} submission "
+                f"{job['sid']!r} (an earlier engine's); submit it under a new id"
             )
-            result = execute_pipeline(compiled, ctx)
-            _send(conn, {"t": "succeeded", "n": n, "result": result})
-        except StepCancelled:
-            _send(conn, {"t": "cancelled", "n": n})
-        except PipelineError as exc:
-            _send(conn, {"t": "failed", "n": n, "error": valid_text(str(exc))})
-        except Exception as exc:
-            _send(conn, {"t": "failed", "n": n, "error": _describe(exc)})
-        except BaseException as exc:  # SystemExit, KeyboardInterrupt: report, then leave
-            _send(conn, {"t": "failed", "n": n, "error": _describe(exc)})
+            _send(conn, {"t": "failed", "n": n, "error": valid_text(error)})
+            return True
+    _send(conn, {"t": "started", "n": n, "pid": os.getpid()})
+    return True
+
+
+def _run_job(
+    conn: Connection,
+    job: dict[str, Any],
+    cancel_flag: Any,
+    setup: _WorkerSetup,
+    compiled_by_spec: dict[str, CompiledPipeline],
+) -> dict[str, Any]:
+    """Compile or execute one job; return its terminal report (not yet sent)."""
+    n = int(job["n"])
+    try:
+        compiled = compiled_by_spec.get(job["spec"])
+        if compiled is None:
+            compiled = compile_pipeline(
+                PipelineSpec.model_validate_json(job["spec"]),
+                allowed_modules=setup.allowed_modules,
+            )
+            if len(compiled_by_spec) >= _COMPILED_CACHE:
+                compiled_by_spec.pop(next(iter(compiled_by_spec)))
+            compiled_by_spec[job["spec"]] = compiled
+        if job["phase"] == "compile":
+            return {"t": "compiled", "n": n, "artifact_id": compiled.fingerprint}
+        ctx = StepContext(
+            plate_id=job["plate_id"],
+            plate_path=job["plate_path"],
+            output_dir=setup.output_dir,
+            _report=_reporter(conn, n),
+            _is_cancelled=_cancel_check(cancel_flag, n),
+        )
+        return {"t": "succeeded", "n": n, "result": execute_pipeline(compiled, ctx)}
+    except StepCancelled:
+        return {"t": "cancelled", "n": n}
+    except PipelineError as exc:
+        return {"t": "failed", "n": n, "error": valid_text(str(exc))}
+    except Exception as exc:
+        return {"t": "failed", "n": n, "error": _describe(exc)}
+    except BaseException as exc:
+        return {"t": "failed", "n": n, "error": _describe(exc), "exit": True}
+
+
+def _record(ledger: Ledger, job: dict[str, Any], report: dict[str, Any], cancelled: bool) -> None:
+    """Write the job's outcome (and a compiled pipeline) into the ledger, before reporting it."""
+    submission = Submission(job["plate_id"], job["phase"], job["sid"])
+    try:
+        fact = _terminal_fact(submission, report["t"], report, cancelled)
+        if fact is None:
             return
+        if isinstance(fact, CompileSucceeded):
+            ledger.save_artifact(fact.artifact_id, job["spec"])
+        ledger.record(fact, exclusive=True)
+    except (OSError, ValueError, LedgerError) as exc:
+        # The report still reaches a live engine, which pushes it; only a crash of
+        # that engine before then loses it (recovery then says the worker died).
+        _log.error("could not record %s in the ledger: %s", submission, exc)
 
 
 def _cancel_check(cancel_flag: Any, n: int) -> Callable[[], bool]:
@@ -262,6 +362,8 @@ class _Work:
     cancel_requested: bool = False
     terminal: Fact | None = None
     """The one terminal fact, once decided; later reports are dropped."""
+    orphan: Orphan | None = None
+    """For a submission adopted from a dead engine's ledger: the worker still running it."""
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -282,6 +384,10 @@ class _Worker:
     """When to escalate (terminate, then kill) a worker that should have stopped."""
     escalation: int = 0
     """0: asked nicely; 1: terminated; 2: killed."""
+
+
+def _submission(work: _Work) -> Submission:
+    return Submission(work.plate_id, work.phase, work.submission_id)
 
 
 def _crash_message(exit_code: int | None) -> str:
@@ -317,6 +423,13 @@ class LocalEngine(Engine):
     for as long as the engine runs). A long-lived server's memory stays bounded
     by it; a forgotten submission is unknown to ``status``, and its id may be
     submitted again.
+
+    ``ledger_dir`` (default None: none) is a directory where workers record each
+    submission they start and its outcome, so that after a crash of this
+    process a new engine can :meth:`adopt` it and :meth:`recover` what happened
+    (see :mod:`plateflow.engines._ledger`). With a ledger, a worker whose host
+    died finishes its current step and records it before it exits; without
+    one it exits at once. A normal :meth:`close` empties the ledger.
     """
 
     name = "local"
@@ -331,6 +444,7 @@ class LocalEngine(Engine):
         mp_context: str = _DEFAULT_CONTEXT,
         max_jobs_per_worker: int | None = None,
         keep_finished: int | None = DEFAULT_KEEP_FINISHED,
+        ledger_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         workers = (os.cpu_count() or 1) if max_workers is None else max_workers
         if workers < 1:
@@ -379,6 +493,14 @@ class LocalEngine(Engine):
         self._forgotten = 0
         """Compiled pipelines by fingerprint: the spec as JSON."""
 
+        self._ledger = None if ledger_dir is None else Ledger(os.fspath(ledger_dir))
+        self._adopting = False
+        self._vouches = False
+        """Whether a submission missing from the ledger certainly never started."""
+        self._token = secrets.token_hex(8)
+        self._orphans: list[_Work] = []
+        """Adopted submissions that a dead engine's worker still runs."""
+
         self._sink: FactSink | None = None
         self._thread: threading.Thread | None = None
         self._wakeup: WakePipe | None = None
@@ -411,6 +533,9 @@ class LocalEngine(Engine):
                 os.makedirs(self._output_dir, exist_ok=True)
             except OSError as exc:
                 raise EngineError(f"cannot create output_dir {self._output_dir!r}: {exc}") from exc
+        if self._ledger is not None:
+            vouches = self._ledger.open(self._token, adopting=self._adopting)
+            self._vouches = vouches and self._adopting
         if self._mp_name == "forkserver":
             # Only takes effect if this interpreter's fork server is not running yet.
             self._ctx.set_forkserver_preload(_PRELOAD)
@@ -420,6 +545,24 @@ class LocalEngine(Engine):
             target=self._watch, name="plateflow-local-engine", daemon=True
         )
         self._thread.start()
+
+    def identity(self) -> dict[str, JsonValue]:
+        """``{"ledger_dir": <absolute path>}``, or ``{}`` without a ledger (nothing survives)."""
+        return {} if self._ledger is None else {"ledger_dir": self._ledger.path}
+
+    def adopt(self, identity: dict[str, JsonValue]) -> None:
+        """Before :meth:`start`: take over the ledger a crashed process's local engine left.
+
+        Raises :class:`~plateflow.errors.UsageError` if ``identity`` is not a local
+        engine's with a ledger, the directory is missing, or a live engine holds it.
+        """
+        if self._thread is not None or self._closed:
+            raise UsageError("adopt() must be called before start(), on a new LocalEngine")
+        self._ledger = Ledger.adoptable(identity)
+        self._adopting = True
+
+    async def recover(self, submissions: Sequence[Submission]) -> Recovered:
+        return self.recover_now(submissions)
 
     async def submit_compile(self, job_id: str, job: CompileJob) -> None:
         self.submit_compile_now(job_id, job)
@@ -469,6 +612,11 @@ class LocalEngine(Engine):
         with self._lock:
             duplicate = ("execute", execution_id) in self._works
             spec_json = self._artifacts.get(artifact_id)
+        if spec_json is None and not duplicate and self._ledger is not None:
+            spec_json = self._ledger.artifact(artifact_id)  # compiled by an engine that died
+            if spec_json is not None:
+                with self._lock:
+                    self._artifacts[artifact_id] = spec_json
         if duplicate or spec_json is None:
             error = (
                 f"duplicate execution id {execution_id!r}"
@@ -507,7 +655,11 @@ class LocalEngine(Engine):
             work = self._works.get((submission.phase, submission.submission_id))
             if work is None or work.terminal is not None or work.cancel_requested:
                 return
-            if work.state == "queued":
+            if work.orphan is not None:
+                work.cancel_requested = True
+                if not work.orphan.kill():
+                    _log.warning("cannot stop pid %s: its identity cannot be checked here", work)
+            elif work.state == "queued":
                 self._queue.remove(work)
                 work.state = "finished"
                 fact = work.terminal = self._cancelled(work)
@@ -529,6 +681,44 @@ class LocalEngine(Engine):
                     known = Submission(work.plate_id, work.phase, work.submission_id)
                     facts.append(status_fact(known, terminal=work.terminal, started=work.started))
         return facts
+
+    def recover_now(self, submissions: Sequence[Submission]) -> Recovered:
+        """:meth:`recover` without an event loop: what the adopted ledger says of each.
+
+        Its outcome, if recorded; started, if a worker of a dead engine still runs
+        it (then watched, its outcome pushed when that worker ends); otherwise
+        ``unknown``, and in ``never_ran`` if the ledger vouches for it.
+        """
+        self._check_usable()
+        facts: list[Fact] = []
+        unknown: list[Submission] = []
+        for submission in submissions:
+            with self._lock:
+                work = self._works.get((submission.phase, submission.submission_id))
+                if work is not None:
+                    known = _submission(work)
+                    facts.append(status_fact(known, terminal=work.terminal, started=work.started))
+                    continue
+            found = None if self._ledger is None else self._ledger.look_up(submission)
+            if found is None:
+                unknown.append(submission)
+                continue
+            work = _Work(submission.phase, submission.submission_id, submission.plate_id, "", "")
+            work.started, work.state = True, "finished"
+            if isinstance(found, tuple):
+                work.plate_id, work.orphan, work.state = found[0].plate_id, found[1], "running"
+            else:
+                work.terminal = found
+            with self._lock:
+                self._works[(work.phase, work.submission_id)] = work
+                if work.orphan is not None:
+                    self._orphans.append(work)
+                else:
+                    self._remember(work)
+            facts.append(status_fact(_submission(work), terminal=work.terminal, started=True))
+        self._wake()
+        never_ran = frozenset(s.submission_id for s in unknown) if self._vouches else frozenset()
+        return Recovered(facts=tuple(facts), unknown=tuple(unknown), never_ran=never_ran)
 
     def knows(self, phase: Literal["compile", "execute"], submission_id: str) -> bool:
         """Whether a submission of this id is queued, running or remembered as finished."""
@@ -562,6 +752,8 @@ class LocalEngine(Engine):
                 "keep_finished": self._keep_finished,
                 "forgotten": self._forgotten,
                 "output_dir": self._output_dir,
+                "ledger_dir": None if self._ledger is None else self._ledger.path,
+                "adopted_running": len(self._orphans),
                 "running_submissions": running,
                 "closed": self._closed,
                 "broken": self._broken,
@@ -583,6 +775,15 @@ class LocalEngine(Engine):
                 running = worker.work
                 if running is not None and not (running.terminal or running.cancel_requested):
                     self._stop(running)
+            for work in list(self._orphans):
+                work.cancel_requested = True
+                if work.orphan is not None and not work.orphan.kill():
+                    self._orphans.remove(work)  # unverifiable here: left to finish alone
+                    work.orphan.close()
+                    work.orphan, work.state = None, "finished"
+                    error = "the engine closed while a dead engine's worker ran it (not stopped)"
+                    work.terminal = self._failed(work, error)
+                    facts.append(work.terminal)
         for fact in facts:
             self._push(fact)
         thread = self._thread
@@ -591,6 +792,8 @@ class LocalEngine(Engine):
             await asyncio.to_thread(thread.join)
             if self._wakeup is not None:
                 self._wakeup.close()
+        if self._ledger is not None and thread is not None:
+            self._ledger.end(self._token)
         if self._made_output_dir and self._output_dir is not None:
             with contextlib.suppress(OSError):
                 os.rmdir(self._output_dir)  # only if no step wrote anything
@@ -644,12 +847,19 @@ class LocalEngine(Engine):
 
     @staticmethod
     def _cancelled(work: _Work) -> Fact:
-        return cancelled_fact(Submission(work.plate_id, work.phase, work.submission_id))
+        return cancelled_fact(_submission(work))
 
     @staticmethod
     def _failed(work: _Work, error: str, exit_code: int | None = None) -> Fact:
-        submission = Submission(work.plate_id, work.phase, work.submission_id)
-        return failed_fact(submission, error, exit_code)
+        return failed_fact(_submission(work), error, exit_code)
+
+    def _record(self, work: _Work, fact: Fact) -> None:
+        """Make the ledger say ``fact``, what we push, of a submission a worker claimed."""
+        if self._ledger is not None and work.started:
+            try:
+                self._ledger.record(fact, exclusive=False)
+            except (OSError, LedgerError) as exc:
+                _log.error("could not record %s in the ledger: %s", fact, exc)
 
     def _remember(self, work: _Work) -> None:
         """Under the lock: ``work`` just finished; forget the oldest beyond ``keep_finished``."""
@@ -689,9 +899,10 @@ class LocalEngine(Engine):
             if self._closing:
                 self._retire_idle()
             with self._lock:
-                if self._closing and not self._workers and not self._starting:
+                if self._closing and not (self._workers or self._starting or self._orphans):
                     return
                 workers = list(self._workers)
+                orphans = [(w, w.orphan) for w in self._orphans if w.orphan is not None]
                 deadlines = [w.deadline for w in workers if w.deadline is not None]
             wakeup = self._wakeup
             assert wakeup is not None
@@ -699,8 +910,15 @@ class LocalEngine(Engine):
             for worker in workers:
                 waitables.append(worker.conn)
                 waitables.append(worker.process.sentinel)
+            # A pidfd is readable once its process has ended; without one, look now and then.
+            waitables.extend(orphan.fd for _, orphan in orphans if orphan.fd >= 0)
+            if any(orphan.fd < 0 for _, orphan in orphans):
+                deadlines.append(time.monotonic() + _ORPHAN_POLL)
             timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
             ready = set(wait(waitables, timeout))
+            for work, orphan in orphans:
+                if not orphan.alive():
+                    self._settle_orphan(work)
 
             if wakeup.fileno() in ready:
                 wakeup.drain()
@@ -710,6 +928,23 @@ class LocalEngine(Engine):
                 if worker.process.sentinel in ready:
                     self._reap(worker)
             self._escalate()
+
+    def _settle_orphan(self, work: _Work) -> None:
+        """An adopted submission's worker ended: push the outcome it recorded (or why none)."""
+        with self._lock:
+            orphan, work.orphan = work.orphan, None
+            if orphan is None:
+                return  # close() gave up on it meanwhile
+            self._orphans.remove(work)
+        assert self._ledger is not None
+        orphan.close()
+        fact = self._ledger.settle(_submission(work), orphan.pid, cancelled=work.cancel_requested)
+        fact = status_fact(_submission(work), terminal=fact, started=True)  # a fresh stimulus
+        with self._lock:
+            work.terminal = fact
+            work.state = "finished"
+            self._remember(work)
+        self._push(fact)
 
     def _assign(self) -> None:
         """Hand queued submissions to idle workers, starting workers as needed."""
@@ -738,10 +973,17 @@ class LocalEngine(Engine):
         """Start one worker process (outside the lock); a failure fails the next submission."""
         reader, writer = self._ctx.Pipe(duplex=True)
         flag = self._ctx.Value("q", 0, lock=False)
+        assert self._output_dir is not None
+        setup = _WorkerSetup(
+            allowed_modules=self._allowed_modules,
+            output_dir=self._output_dir,
+            ledger_dir=None if self._ledger is None else self._ledger.path,
+            token=self._token,
+        )
         process = self._ctx.Process(  # type: ignore[attr-defined]
             target=_worker_main,
             name="plateflow-worker",
-            args=(writer, flag, self._allowed_modules, self._output_dir),
+            args=(writer, flag, setup),
             daemon=True,
         )
         try:
@@ -777,6 +1019,7 @@ class LocalEngine(Engine):
             "t": "job",
             "n": work.n,
             "phase": work.phase,
+            "sid": work.submission_id,
             "spec": work.spec_json,
             "plate_id": work.plate_id,
             "plate_path": work.plate_path,
@@ -829,7 +1072,7 @@ class LocalEngine(Engine):
 
     def _handle(self, worker: _Worker, n: int, kind: str, message: dict[str, Any]) -> None:
         fact: Fact | None = None
-        retire = False
+        retire = record = False
         with self._lock:
             work = worker.work
             if work is None or work.n != n or work.terminal is not None:
@@ -855,33 +1098,15 @@ class LocalEngine(Engine):
                         )
                     except (ValueError, KeyError) as exc:
                         _log.warning("dropped a malformed progress report from %s: %s", work, exc)
-            elif kind == "compiled":
-                artifact_id = str(message["artifact_id"])
-                self._artifacts[artifact_id] = work.spec_json
-                fact = CompileSucceeded(
-                    observed_at=time.time(),
-                    plate_id=work.plate_id,
-                    job_id=work.submission_id,
-                    artifact_id=artifact_id,
-                )
-            elif kind == "succeeded":
-                fact = ExecutionSucceeded(
-                    observed_at=time.time(),
-                    plate_id=work.plate_id,
-                    execution_id=work.submission_id,
-                    result=message["result"],
-                )
-            elif kind == "failed":
-                # A failure after a cancel request is most likely the cancel itself.
-                if work.cancel_requested:
-                    fact = self._cancelled(work)
-                else:
-                    fact = self._failed(work, str(message["error"]))
-            elif kind == "cancelled":
-                fact = self._cancelled(work)
             else:
-                _log.warning("worker %s sent an unknown report %r", worker.pid, kind)
+                fact = _terminal_fact(_submission(work), kind, message, work.cancel_requested)
+                if fact is None:
+                    _log.warning("worker %s sent an unknown report %r", worker.pid, kind)
+                elif isinstance(fact, CompileSucceeded):
+                    self._artifacts[fact.artifact_id] = work.spec_json
             if fact is not None and kind not in ("started", "progress"):
+                # The worker recorded its own failure; we may push a cancel, or our message.
+                record = kind == "failed"
                 work.terminal = fact
                 work.state = "finished"
                 self._remember(work)
@@ -894,6 +1119,8 @@ class LocalEngine(Engine):
                     if self._max_jobs is not None and worker.jobs >= self._max_jobs:
                         worker.retiring = retire = True
                         worker.deadline = time.monotonic() + self._cancel_grace
+        if record and fact is not None:
+            self._record(work, fact)
         if fact is not None:
             self._push(fact)
         if retire:
@@ -922,7 +1149,8 @@ class LocalEngine(Engine):
                 work.state = "finished"
                 self._remember(work)
                 work.worker = None
-        if fact is not None:
+        if fact is not None and work is not None:
+            self._record(work, fact)
             self._push(fact)
 
     def _escalate(self) -> None:
