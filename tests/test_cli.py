@@ -716,3 +716,127 @@ def test_the_quiet_cli_host_writes_only_errors() -> None:
     _drive(CliHost(stream, verbosity=-1))
     (line,) = stream.getvalue().splitlines()
     assert line.endswith("error: p2: worker lost")
+
+
+# --- signals and resume ---------------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (its workers, their fork server...)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _gone_within(pids: set[int], seconds: float) -> set[int]:
+    """The pids still alive after waiting up to ``seconds`` for them to end."""
+    deadline = time.monotonic() + seconds
+    while (alive := {p for p in pids if _alive(p)}) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive
+
+
+@pytest.mark.parametrize(
+    ("signum", "said"),
+    [(signal.SIGTERM, "terminated (SIGTERM)"), (signal.SIGHUP, "hung up (SIGHUP)")],
+)
+def test_sigterm_and_sighup_cancel_write_summary_and_journal_and_stop_the_server(
+    tmp_path: Path, signum: int, said: str
+) -> None:
+    runtime_dir = tmp_path / "server"
+    batch = _batch(
+        tmp_path,
+        plates=3,
+        pause=60.0,
+        cancel_grace=5.0,
+        engine=ZmqEngineSettings(runtime_dir="server", workers=2),
+    )
+    process = _Process("run", str(batch))
+    process.wait_for_line("test: executing")
+    server = json.loads((runtime_dir / "server.json").read_text())["pid"]
+    processes = {server, *_descendants(server)}
+    assert len(processes) >= 3, "the server and its two workers at least"
+    process.popen.send_signal(signum)
+    code, out, err = process.finish()
+    assert code == 128 + signum, err
+    assert f"{said}: cancelling the batch" in err
+    assert "batch cancelled: 3 cancelled" in out
+    assert "Traceback" not in err
+    journal = Journal.load(tmp_path / "output" / "journal.jsonl")
+    assert journal.torn is None
+    assert replay(journal).state == "cancelled"
+    assert _gone_within(processes, 10.0) == set(), "the run's server and workers stopped"
+    assert not (runtime_dir / "server.json").exists()
+
+
+def test_a_killed_run_is_resumed_from_its_journal_and_reports_every_plate_once(
+    tmp_path: Path,
+) -> None:
+    batch = _batch(
+        tmp_path, plates=4, pause=1.5, engine=ZmqEngineSettings(runtime_dir="server", workers=2)
+    )
+    journal_path = tmp_path / "output" / "journal.jsonl"
+    process = _Process("run", str(batch))
+    process.wait_for_line(f"journal: {journal_path}")
+    deadline = time.monotonic() + 60
+    while b'"execution_started"' not in journal_path.read_bytes():  # the server has the work
+        assert time.monotonic() < deadline, "no execution started within 60 s"
+        time.sleep(0.01)
+    process.popen.kill()
+    code, _out, _err = process.finish()
+    assert code == -signal.SIGKILL
+    before = Journal.load(journal_path)
+    assert not replay(before).settled
+
+    resumed = _Process("resume", str(journal_path), "--json")
+    code, out, err = resumed.finish()
+    assert code == 0, err
+    assert f"resuming from {journal_path}" in err
+    result = json.loads(out)
+    assert result["outcome"] == "completed"
+    assert sorted(p["plate_id"] for p in result["plates"]) == [
+        f"plate-{i:04d}" for i in range(1, 5)
+    ]
+    after = Journal.load(journal_path)
+    assert after.records[: len(before)] == before.records
+    settled = [
+        c.plate_id for r in after for c in r.changes if c.plate_id and c.note.startswith("settled:")
+    ]
+    assert sorted(settled) == sorted(after.header.plate_ids), "one terminal record per plate"
+    assert [r.fact.kind for r in after].count("batch_resumed") == 1
+    runtime_dir = tmp_path / "server"
+    assert not (runtime_dir / "server.json").exists(), "the resumed run stopped the server"
+
+
+def test_resume_refuses_a_journal_not_written_by_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from helpers import make_batch
+
+    saved = tmp_path / "saved.jsonl"
+    make_batch().journal.save(saved)
+    assert main(["resume", str(saved)]) == 2
+    assert "was not written by `plateflow run`" in capsys.readouterr().err
+    assert main(["resume", str(tmp_path / "missing.jsonl")]) == 2

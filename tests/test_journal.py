@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -13,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from helpers import execution, feed, job, make_batch, ticking_clock
-from plateflow import JournalError, replay
+from plateflow import JournalError, JournalWarning, replay
 from plateflow.cli import main
 from plateflow.core import (
     Batch,
@@ -280,13 +281,26 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Saved:
 
 
 def _load(folder: Path, data: bytes) -> tuple[Path, Journal | JournalError]:
-    """Write ``data`` as a journal file and load it; the journal or the JournalError."""
+    """Write ``data`` as a journal file and load it; the journal or the JournalError.
+
+    A journal loaded with a torn last line comes with exactly one JournalWarning naming
+    that line, and one loaded whole with none."""
     path = folder / "damaged.jsonl"
     path.write_bytes(data)
-    try:
-        return path, Journal.load(path)
-    except JournalError as exc:
-        return path, exc
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            journal = Journal.load(path)
+        except JournalError as exc:
+            assert caught == []
+            return path, exc
+    if journal.torn is None:
+        assert caught == []
+    else:
+        (warning,) = caught
+        assert warning.category is JournalWarning
+        assert str(warning.message).startswith(f"{path}:{journal.torn.line}: dropped the last")
+    return path, journal
 
 
 def _line_named(error: JournalError, path: Path) -> int:

@@ -15,6 +15,8 @@ from plateflow.core import (
     PlateSnapshot,
     PlateState,
     Reason,
+    ResumedBatch,
+    SettledPlate,
     replay,
 )
 from plateflow.engines.base import Engine, EngineError, Submission
@@ -24,6 +26,7 @@ from plateflow.errors import (
     ErrorCode,
     InvalidTransition,
     JournalError,
+    JournalWarning,
     PlateflowBug,
     PlateflowError,
     ReentrancyError,
@@ -68,6 +71,7 @@ __all__ = [
     "InvalidTransition",
     "Journal",
     "JournalError",
+    "JournalWarning",
     "PipelineError",
     "PipelineSpec",
     "Plate",
@@ -80,6 +84,8 @@ __all__ = [
     "ProgressSnapshot",
     "Reason",
     "ReentrancyError",
+    "ResumedBatch",
+    "SettledPlate",
     "StepContext",
     "StepSpec",
     "Submission",

@@ -188,6 +188,8 @@ class ZmqEngineSettings(_EngineBase):
     ``start_server``, starts one there (writing reports into the batch's output
     folder, with ``workers`` and ``allow``) and stops it at the end. A server
     that was already running keeps its own output folder and allowed modules.
+    A server it starts stops the batch's work and exits ``lease_grace`` seconds
+    after the run dies without stopping it.
     """
 
     kind: Literal["zmq"] = "zmq"
@@ -197,8 +199,10 @@ class ZmqEngineSettings(_EngineBase):
     heartbeat_timeout: Seconds = 3.0
     startup_timeout: Seconds = 20.0
     request_timeout: Seconds = 10.0
+    lease_grace: Seconds = 60.0
+    """Seconds the server keeps the batch's work without hearing from the run."""
 
-    def build(self, *, output_dir: Path, base: Path) -> Engine:
+    def build(self, *, output_dir: Path, base: Path, state_dir: Path | None = None) -> Engine:
         from plateflow.engines.zmq.engine import ZmqEngine
 
         args = ["--output-dir", str(output_dir)]
@@ -214,6 +218,7 @@ class ZmqEngineSettings(_EngineBase):
             heartbeat_timeout=self.heartbeat_timeout,
             request_timeout=self.request_timeout,
             startup_timeout=self.startup_timeout,
+            lease_grace=self.lease_grace,
         )
 
 
@@ -224,7 +229,7 @@ class LocalEngineSettings(_EngineBase):
     cancel_grace: Seconds = 2.0
     """Seconds a cancelled worker has to stop by itself before it is terminated."""
 
-    def build(self, *, output_dir: Path, base: Path) -> Engine:
+    def build(self, *, output_dir: Path, base: Path, state_dir: Path | None = None) -> Engine:
         from plateflow.engines.local import LocalEngine
 
         return LocalEngine(
@@ -232,6 +237,7 @@ class LocalEngineSettings(_EngineBase):
             allowed_modules=self.allowed_modules,
             output_dir=str(output_dir),
             cancel_grace=self.cancel_grace,
+            ledger_dir=str(state_dir) if state_dir is not None else None,
         )
 
 
@@ -314,7 +320,7 @@ class DaskEngineSettings(_EngineBase):
         kept = self.model_dump(exclude_unset=True, exclude=set(_LOCAL_CLUSTER_KEYS))
         return DaskEngineSettings.model_validate({**kept, "scheduler": address})
 
-    def build(self, *, output_dir: Path, base: Path) -> Engine:
+    def build(self, *, output_dir: Path, base: Path, state_dir: Path | None = None) -> Engine:
         from plateflow.engines.dask import DaskEngine
 
         local: dict[str, Any] = {}
@@ -414,9 +420,18 @@ class LoadedBatch:
         """The folder relative paths in the file are resolved against."""
         return self.source.parent
 
-    def build_engine(self, settings: AnyEngineSettings | None = None) -> Engine:
-        """The engine the file asks for (or ``settings`` instead), not yet started."""
-        return (settings or self.spec.engine).build(output_dir=self.output_dir, base=self.base)
+    def build_engine(
+        self, settings: AnyEngineSettings | None = None, *, state_dir: Path | None = None
+    ) -> Engine:
+        """The engine the file asks for (or ``settings`` instead), not yet started.
+
+        ``state_dir``: where an engine keeps what must outlive the process (the local
+        engine's ledger, so that a killed run can be resumed); the other engines keep
+        that state elsewhere and ignore it.
+        """
+        return (settings or self.spec.engine).build(
+            output_dir=self.output_dir, base=self.base, state_dir=state_dir
+        )
 
 
 # --- reading ------------------------------------------------------------------------------

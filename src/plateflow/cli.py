@@ -9,7 +9,8 @@ Qt or notebook host uses.
   server, then explains the failed plate from the journal.
 - ``plateflow run BATCH.toml`` runs a batch file (see docs/batch-file.md), on
   its engine or the one ``--engine`` / ``--scheduler`` names.
-- ``plateflow status`` shows what a running embedded server is doing.
+- ``plateflow status`` lists the running embedded servers, or shows what one
+  is doing; ``plateflow stop`` stops one.
 - ``plateflow journal show FILE`` prints each plate's story.
 - ``plateflow serve`` runs the embedded ZeroMQ execution server.
 - ``plateflow diagram`` draws the state machines.
@@ -22,7 +23,6 @@ missing file, no server), 3 the engine could not be started or reached.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shutil
@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -51,9 +52,11 @@ from plateflow import (
     EngineError,
     Journal,
     JournalError,
+    JournalWarning,
     PlateOutcome,
     PlateState,
     ProgressSnapshot,
+    ResumedBatch,
     SyncBatchWorkflowService,
     UsageError,
 )
@@ -321,6 +324,20 @@ class CliHost(BaseBatchHost):
                     text += f": {_first_line(error)}"
                 self._say(text)
 
+    def on_resumed(self, resumed: ResumedBatch) -> None:
+        with self._lock:
+            for settled in resumed.settled:
+                line = self._plate(settled.plate_id)
+                line.outcome, line.result = settled.outcome, settled.result
+                line.reason = settled.reason.value
+                if settled.outcome is not PlateOutcome.COMPILED:
+                    line.state = PlateState(settled.outcome.value)
+        if self.verbosity >= 0:
+            self._say(
+                f"{self.title}: resumed batch {resumed.batch_id} from {resumed.journal}: "
+                f"{len(resumed.settled)} plates had settled, {len(resumed.unsettled)} go on"
+            )
+
     def on_all_plates_completed(self, summary: BatchSummary) -> None:
         with self._lock:
             self.summary = summary
@@ -470,37 +487,54 @@ class _Canceller:
 
 
 class _RunHost(CliHost):
-    """CliHost plus one duty: a cancel asked for before the batch existed is sent again."""
+    """CliHost plus two duties: say where the journal is once the batch starts, and send
+    a cancel asked for before the batch existed again."""
 
     canceller: _Canceller | None = None
+    journal_note: str | None = None
+    """Said once when the batch starts, i.e. once its journal file exists."""
 
     def emit_progress_started(self, total: int) -> None:
         super().emit_progress_started(total)
+        note, self.journal_note = self.journal_note, None
+        if note is not None and self.verbosity >= 0:
+            self.note(note)
         if self.canceller is not None:
             self.canceller.resend()  # posted: handled after the batch has started
 
 
+_STOP_SIGNALS: Final[dict[int, str]] = {
+    signal.SIGINT: "interrupted",
+    signal.SIGTERM: "terminated (SIGTERM)",
+    signal.SIGHUP: "hung up (SIGHUP)",
+}
+"""The signals that cancel a running batch, and how the CLI says so."""
+
+
 @contextmanager
-def _sigint_cancels(cancel: Callable[[str], None]) -> Iterator[None]:
-    """The first Ctrl-C cancels the batch; the second stops waiting for it."""
+def _signals_cancel(cancel: Callable[[str], None], received: list[int]) -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP cancel the batch; a second one stops waiting for it.
+
+    The first signal's number is appended to ``received``: the command then
+    exits with 128 + that number, as a process stopped by it would.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    hits = 0
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        nonlocal hits
-        hits += 1
-        if hits == 1:
-            cancel("interrupted")
+        received.append(signum)
+        if len(received) == 1:
+            cancel(_STOP_SIGNALS.get(signum, f"signal {signum}"))
         else:
             raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {signum: signal.signal(signum, handler) for signum in _STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 @dataclass(slots=True)
@@ -509,6 +543,8 @@ class _Run:
     batch: Batch | None
     journal: Path | None
     engine: str
+    signal: int | None = None
+    """The signal that cancelled the batch, if one did."""
 
 
 def _prepare_paths(loaded: LoadedBatch, journal: Path) -> None:
@@ -547,10 +583,14 @@ def _run_loaded(
     journal: Path,
     cancel_after: float | None,
     scheduler: str | None = None,
+    resume: bool = False,
+    resubmit_lost: bool = False,
 ) -> _Run:
+    """Run (or, with ``resume``, take over from ``journal``) the batch; the journal is
+    written as it goes. Ctrl-C, SIGTERM and SIGHUP cancel it cleanly."""
     settings = _engine_settings(loaded, engine_kind, scheduler)
     _prepare_paths(loaded, journal)
-    engine = loaded.build_engine(settings)
+    engine = loaded.build_engine(settings, state_dir=journal.with_name(f"{journal.name}.ledger"))
     spec = loaded.spec
     canceller = _Canceller(host)
     host.canceller = canceller
@@ -561,43 +601,56 @@ def _run_loaded(
         timer.daemon = True
     batch: Batch | None = None
     summary: BatchSummary | None = None
-    try:
-        with SyncBatchWorkflowService(
+    received: list[int] = []
+    context: dict[str, JsonValue] = {
+        "batch_file": str(loaded.source),
+        "engine": settings.kind,
+        "scheduler": scheduler,
+    }
+    host.journal_note = f"{'resuming from' if resume else 'journal:'} {journal}"
+    with (
+        _signals_cancel(canceller, received),
+        SyncBatchWorkflowService(
             host,
             engine,
             policy=spec.policy,
             cancel_grace=spec.cancel_grace,
             status_interval=spec.status_interval,
             progress_interval=spec.progress_interval,
-        ) as service:
-            canceller.attach(service)
-            with _sigint_cancels(canceller):
-                if timer is not None:
-                    timer.start()
-                try:
-                    if mode is BatchMode.COMPILE_ONLY:
-                        summary = service.compile_plates(loaded.plates, pipeline=loaded.pipeline)
-                    else:
-                        summary = service.run_plates(loaded.plates, pipeline=loaded.pipeline)
-                finally:
-                    batch = service.service.batch
-                    if timer is not None:
-                        timer.cancel()
-    finally:
-        written = _save_journal(batch, journal, host)
+        ) as service,
+    ):
+        canceller.attach(service)
+        if timer is not None:
+            timer.start()
+        try:
+            if resume:
+                summary = service.resume(journal, resubmit_lost=resubmit_lost)
+            elif mode is BatchMode.COMPILE_ONLY:
+                summary = service.compile_plates(
+                    loaded.plates,
+                    pipeline=loaded.pipeline,
+                    journal=journal,
+                    journal_context=context,
+                )
+            else:
+                summary = service.run_plates(
+                    loaded.plates,
+                    pipeline=loaded.pipeline,
+                    journal=journal,
+                    journal_context=context,
+                )
+        finally:
+            batch = service.service.batch
+            if timer is not None:
+                timer.cancel()
     assert summary is not None  # run_plates returned
-    return _Run(summary=summary, batch=batch, journal=written, engine=settings.kind)
-
-
-def _save_journal(batch: Batch | None, path: Path, host: CliHost) -> Path | None:
-    if batch is None:
-        return None
-    try:
-        batch.journal.save(path)
-    except OSError as exc:
-        host.emit_error(f"could not write the journal {path}: {exc.strerror or exc}")
-        return None
-    return path
+    return _Run(
+        summary=summary,
+        batch=batch,
+        journal=journal if batch is not None else None,
+        engine=settings.kind,
+        signal=received[0] if received else None,
+    )
 
 
 def _result_brief(result: JsonValue) -> dict[str, JsonValue]:
@@ -721,7 +774,46 @@ def _run(args: argparse.Namespace) -> int:
         cancel_after=args.cancel_after,
         scheduler=args.scheduler,
     )
-    code = EXIT_CODES.get(run.summary.outcome, EXIT_FAILED)
+    return _report(args, loaded, host, run, _exit_code(run))
+
+
+def _exit_code(run: _Run) -> int:
+    """The batch outcome's code, or 128 + the signal that stopped the run."""
+    if run.signal is not None:
+        return 128 + run.signal
+    return EXIT_CODES.get(run.summary.outcome, EXIT_FAILED)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    journal = args.journal.resolve()
+    app = Journal.load(journal).header.context.get("app")
+    if not isinstance(app, dict) or not isinstance(app.get("batch_file"), str):
+        raise UsageError(
+            f"{journal} was not written by `plateflow run` (its header names no batch file); "
+            "resume it from Python with BatchWorkflowService.resume"
+        )
+    loaded = load_batch_file(Path(str(app["batch_file"])))
+    engine, scheduler = app.get("engine"), app.get("scheduler")
+    host = _RunHost(sys.stderr, verbosity=_verbosity(args), title=loaded.name)
+    run = _run_loaded(
+        loaded,
+        host,
+        engine_kind=engine if isinstance(engine, str) else None,
+        compile_only=False,
+        journal=journal,
+        cancel_after=None,
+        scheduler=scheduler if isinstance(scheduler, str) else None,
+        resume=True,
+        resubmit_lost=args.resubmit_lost,
+    )
+    return _report(args, loaded, host, run, _exit_code(run))
+
+
+def _report(
+    args: argparse.Namespace, loaded: LoadedBatch, host: CliHost, run: _Run, code: int
+) -> int:
+    """Print the summary (and the JSON result) of a run or resume; returns ``code``."""
+    err = sys.stderr
     if args.json:
         if host.verbosity >= 0:
             _print_summary(host, run, err)
@@ -865,6 +957,8 @@ def _serve(args: argparse.Namespace) -> int:
         output_dir=args.output_dir,
         heartbeat_interval=args.heartbeat,
         keep_finished=keep_finished,
+        lease_grace=args.lease_grace,
+        owned=args.exit_when_unowned,
     )
 
     def ready(record: ServerRecord) -> None:
@@ -874,39 +968,88 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"  events  {record.events}", file=sys.stderr, flush=True)
 
     server.run(on_ready=ready)
-    print("plateflow serve: stopped", file=sys.stderr)
+    print(f"plateflow serve: stopped: {server.stop_reason or 'stopped'}", file=sys.stderr)
     return 0
 
 
 class _NoServer(UsageError):
-    """``plateflow status`` found no server to ask."""
+    """``plateflow status`` or ``stop`` found no server to ask."""
+
+
+def _runtime_dir(runtime_dir: Path | None) -> Path:
+    from plateflow.engines.zmq.engine import default_runtime_dir
+
+    return runtime_dir if runtime_dir is not None else default_runtime_dir()
 
 
 def _server_info(runtime_dir: Path | None) -> dict[str, JsonValue]:
-    from plateflow.engines.zmq.engine import ZmqEngine
+    # Only looks: takes no lease, starts nothing, creates no runtime dir.
+    from plateflow.engines.zmq.engine import ask_info, find_server
 
-    engine = ZmqEngine(runtime_dir, start_server=False, startup_timeout=5.0, request_timeout=5.0)
-    directory = engine.runtime_dir
-    if not (directory / "server.json").exists():  # do not create a runtime dir just to look
+    directory = _runtime_dir(runtime_dir)
+    record = find_server(directory)
+    if record is None:
         raise _NoServer(
             f"no plateflow server is running in {directory} "
             f"(start one with `plateflow serve --runtime-dir {directory}`)"
         )
-
-    async def ask() -> dict[str, JsonValue]:
-        await engine.start(lambda fact: None)
-        try:
-            return await engine.server_info()
-        finally:
-            await engine.close()
-
     try:
-        return asyncio.run(ask())
+        return ask_info(record)
     except EngineError as exc:
         raise _NoServer(str(exc)) from None
 
 
+def _status_all(as_json: bool) -> int:
+    """One line per registered server, wherever its runtime dir is."""
+    from plateflow.engines.zmq.engine import ask_info, find_server, list_servers
+
+    rows: list[dict[str, JsonValue]] = []
+    for entry in list_servers():
+        row: dict[str, JsonValue] = {
+            "server_id": entry.server_id,
+            "pid": entry.pid,
+            "runtime_dir": entry.runtime_dir,
+            "owned": entry.owned,
+        }
+        record = find_server(Path(entry.runtime_dir))
+        try:
+            if record is None or record.server_id != entry.server_id:
+                raise EngineError("it stopped")
+            info = ask_info(record, timeout=2.0)
+        except EngineError as exc:
+            row["error"] = str(exc)
+        else:
+            leases = info.get("leases")
+            row.update(
+                leases=len(leases) if isinstance(leases, list) else None,
+                running=info.get("running"),
+                queued=info.get("queued"),
+            )
+        rows.append(row)
+    if as_json:
+        json.dump(rows, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    if not rows:
+        raise _NoServer(
+            "no plateflow server is running (none is registered; `plateflow status "
+            "--runtime-dir DIR` looks in one runtime dir)"
+        )
+    for row in rows:
+        owner = "  owned" if row["owned"] else ""
+        if "error" in row:
+            state = f"not answering: {row['error']}"
+        else:
+            state = (
+                f"leases {row['leases']}  running {row['running']}  queued {row['queued']}{owner}"
+            )
+        print(f"{row['server_id']}  pid {row['pid']}  {row['runtime_dir']}  {state}")
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
+    if args.runtime_dir is None:
+        return _status_all(args.json)
     info = _server_info(args.runtime_dir)
     if args.json:
         json.dump(info, sys.stdout, indent=2)
@@ -942,6 +1085,26 @@ def _status(args: argparse.Namespace) -> int:
                 f"{item.get('submission_id')!s:<20} pid {item.get('pid')}{flag}"
             )
     print(f"  {'queued':<12} {field('queued')}")
+    leases = info.get("leases")
+    owned = "; exits when none is left" if info.get("owned") else ""
+    print(f"  {'leases':<12} {len(leases) if isinstance(leases, list) else '-'}{owned}")
+    for lease in leases if isinstance(leases, list) else []:
+        if isinstance(lease, dict):
+            print(
+                f"    session {lease.get('session')!s:<10} outstanding "
+                f"{lease.get('outstanding')!s:<6} expires in {lease.get('expires_in')} s"
+            )
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from plateflow.engines.zmq.engine import stop_server
+
+    directory = _runtime_dir(args.runtime_dir)
+    record = stop_server(directory)
+    if record is None:
+        raise _NoServer(f"no plateflow server is running in {directory}; nothing to stop")
+    print(f"plateflow stop: stopped server {record.server_id} (pid {record.pid}) in {directory}")
     return 0
 
 
@@ -1037,20 +1200,54 @@ def _parser() -> argparse.ArgumentParser:
     _add_output_flags(run)
     run.set_defaults(run=_run)
 
+    resume = sub.add_parser(
+        "resume",
+        help="take over a batch whose `plateflow run` died, from its journal",
+        description="Resume the batch a killed `plateflow run` left: rebuild it from its "
+        "journal, re-attach to the engine's work, and go on (see docs/crashes.md). Plates "
+        "that settled before are not run again; work the engine no longer has fails "
+        "(lost_in_restart) unless --resubmit-lost.",
+    )
+    resume.add_argument("journal", type=Path, metavar="JOURNAL", help="the journal file")
+    resume.add_argument(
+        "--resubmit-lost",
+        action="store_true",
+        help="submit work the engine no longer has again instead of failing its plate",
+    )
+    resume.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    _add_output_flags(resume)
+    resume.set_defaults(run=_resume)
+
     status = sub.add_parser(
         "status",
-        help="what a running embedded server is doing",
-        description="Ask the embedded execution server for its state: running and queued "
-        "executions, workers. Exit code 2 when no server is running.",
+        help="what the running embedded servers are doing",
+        description="Without --runtime-dir, list every running embedded execution server "
+        "(one line each: id, pid, runtime dir, leases, running and queued submissions); "
+        "with it, ask that one server for its state: running and queued executions, "
+        "workers, leases. Exit code 2 when no server is running.",
     )
     status.add_argument(
+        "--runtime-dir",
+        type=Path,
+        help="ask the server in this runtime directory only",
+    )
+    status.add_argument("--json", action="store_true", help="print the answer as JSON")
+    status.set_defaults(run=_status)
+
+    stop = sub.add_parser(
+        "stop",
+        help="stop an embedded server",
+        description="Stop the embedded execution server in a runtime directory with its "
+        "token, and wait until it is gone; its clients report their work lost. Exit code "
+        "2 when no server is running there.",
+    )
+    stop.add_argument(
         "--runtime-dir",
         type=Path,
         help="the server's runtime directory (default $PLATEFLOW_RUNTIME_DIR, else "
         "$XDG_RUNTIME_DIR/plateflow)",
     )
-    status.add_argument("--json", action="store_true", help="print the server's answer as JSON")
-    status.set_defaults(run=_status)
+    stop.set_defaults(run=_stop)
 
     journal = sub.add_parser("journal", help="read a batch journal")
     journal_sub = journal.add_subparsers(dest="journal_command", required=True)
@@ -1095,6 +1292,19 @@ def _parser() -> argparse.ArgumentParser:
         help="finished submissions remembered for status answers; older ones are "
         "forgotten (default 100,000; 0: all, and memory grows without bound)",
     )
+    serve.add_argument(
+        "--lease-grace",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="a client session's work is stopped when nobody renews its lease for this "
+        "long (default 60)",
+    )
+    serve.add_argument(
+        "--exit-when-unowned",
+        action="store_true",
+        help="exit when no client holds a lease any more (how a client starts its server)",
+    )
     serve.set_defaults(run=_serve)
 
     # Listed for --help; `plateflow diagram ...` is dispatched before parsing (see main).
@@ -1104,9 +1314,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _say_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """How the command line shows a plateflow warning: one line, no source location."""
+    print(f"plateflow: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
-    arguments = list(sys.argv[1:] if argv is None else argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", JournalWarning)
+        warnings.showwarning = _say_warning
+        return _main(list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(arguments: list[str]) -> int:
     try:
         if arguments[:1] == ["diagram"]:
             return _diagram(arguments[1:])

@@ -23,6 +23,7 @@ __all__ = [
     "ErrorCode",
     "InvalidTransition",
     "JournalError",
+    "JournalWarning",
     "PlateflowBug",
     "PlateflowError",
     "ReentrancyError",
@@ -104,3 +105,7 @@ class UsageError(PlateflowError):
 
 class JournalError(UsageError):
     """A journal file or record could not be read; names the line and the field."""
+
+
+class JournalWarning(UserWarning):
+    """A journal was read, but not all of it: a crash had cut its last line short."""

@@ -21,8 +21,8 @@ other corrupt line.
 from __future__ import annotations
 
 import json
-import logging
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -34,7 +34,7 @@ from pydantic import JsonValue, ValidationError
 from plateflow.core.decoding import decode_object, one_line
 from plateflow.core.facts import Fact, fact_adapter
 from plateflow.core.tables import BatchMode, BatchState, CompileFailurePolicy, PlateState
-from plateflow.errors import DecodeError, JournalError
+from plateflow.errors import DecodeError, JournalError, JournalWarning
 
 __all__ = [
     "JOURNAL_FORMAT",
@@ -121,9 +121,6 @@ class TornLine(NamedTuple):
     reason: str
 
 
-_log = logging.getLogger("plateflow.journal")
-
-
 class Journal:
     """An append-only list of records behind a header."""
 
@@ -185,8 +182,9 @@ class Journal:
         bounded nesting and integers) and may hold at most
         :data:`MAX_LINE_BYTES`; anything else raises :class:`JournalError`, with
         one exception: a last line without its newline that does not read is
-        what a crash leaves mid-write. It is dropped with a warning (logger
-        ``plateflow.journal``) and described in the journal's :attr:`torn`.
+        what a crash leaves mid-write. It is dropped with a
+        :class:`~plateflow.errors.JournalWarning` naming the line, and described
+        in the journal's :attr:`torn`.
         """
         header: JournalHeader | None = None
         records: list[Record] = []
@@ -226,11 +224,11 @@ class Journal:
             raise JournalError(f"{source}: empty journal (no header line)")
         journal = cls(header, records)
         if torn is not None:
-            _log.warning(
-                "%s:%d: dropped a torn last line (a crash cut it short): %s",
-                source,
-                torn.line,
-                torn.reason,
+            warnings.warn(
+                f"{source}:{torn.line}: dropped the last line, which a crash cut short "
+                f"({torn.reason})",
+                JournalWarning,
+                stacklevel=2,
             )
             journal.torn = torn
         return journal
