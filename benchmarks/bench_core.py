@@ -5,6 +5,7 @@ Run it as a script from the project root::
     .venv/bin/python benchmarks/bench_core.py            # full run, about a minute
     .venv/bin/python benchmarks/bench_core.py --quick    # smoke run, under 20 s
     .venv/bin/python benchmarks/bench_core.py --profile  # cProfile of one N=1,000 lifecycle
+    .venv/bin/python benchmarks/bench_core.py --journal-file  # cost of a journal file per fact
 
 What one lifecycle is (RUN mode, abort policy, journal in memory as always):
 ``BatchStarted``; then, phase by phase over all N plates, ``CompileAccepted`` and
@@ -760,6 +761,90 @@ def _bytes_pair(r: dict[str, Any]) -> str:
     return f"{a:,}/{b:,} B"
 
 
+# --- the journal file -----------------------------------------------------------------------
+
+JOURNAL_MODES = ("memory", "flush", "fsync")
+"""``memory``: the in-memory journal alone; ``flush``: plus a JournalFile writing and
+flushing each record (the default of a batch given a journal); ``fsync``: plus an fsync."""
+
+
+def journal_file_costs(n: int, reps: int, directory: str) -> dict[str, Any]:
+    """``handle(fact)`` per ordinary fact with each journal mode, N plates, interleaved reps.
+
+    The journal file listens to the batch's journal, so its write (and flush, and
+    fsync) happen inside ``handle``: that is the cost a batch with a journal pays.
+    """
+    from plateflow.runtime.journal_file import JournalFile
+
+    per_mode: dict[str, list[int]] = {mode: [] for mode in JOURNAL_MODES}
+    lifecycle: dict[str, list[int]] = {mode: [] for mode in JOURNAL_MODES}
+    pc = time.perf_counter_ns
+    for rep in range(reps):
+        for mode in JOURNAL_MODES:
+            batch_id = f"j{mode}{rep}"
+            facts = [cls(**kwargs) for cls, kwargs in fact_specs(batch_id, n)]
+            batch = Batch(batch_id, plate_ids(n), mode=BatchMode.RUN, clock=make_clock())
+            file = None
+            if mode != "memory":
+                path = os.path.join(directory, f"{batch_id}.jsonl")
+                file = JournalFile.create(path, batch.journal.header, fsync=mode == "fsync")
+                batch.journal.listen(file.append)
+            handle = batch.handle
+            gc.collect()
+            begin = pc()
+            handle(BatchStarted())
+            times = per_mode[mode]
+            for fact in facts:
+                t0 = pc()
+                handle(fact)
+                times.append(pc() - t0)
+            lifecycle[mode].append(pc() - begin)
+            check_lifecycle(batch, n)
+            if file is not None:
+                file.close()
+                if file.failed is not None or file.records != len(facts) + 1:
+                    raise SystemExit(f"benchmark bug: journal file {file.failed or file.records}")
+                os.unlink(path)
+    medians = {mode: median_us(per_mode[mode]) for mode in JOURNAL_MODES}
+    out: dict[str, Any] = {
+        "benchmark": "bench_core.journal_file",
+        "n": n,
+        "repetitions": reps,
+        "facts_per_mode": len(per_mode["memory"]),
+        "fact_us_median": medians,
+        "fact_us_p90": {mode: quantile_us(per_mode[mode], 0.9) for mode in JOURNAL_MODES},
+        "file_us_per_fact": {
+            mode: round(medians[mode] - medians["memory"], 3) for mode in ("flush", "fsync")
+        },
+        "lifecycle_ms_median": {
+            mode: round(statistics.median(lifecycle[mode]) / 1e6, 2) for mode in JOURNAL_MODES
+        },
+        "directory": directory,
+        "filesystem": _filesystem(directory),
+    }
+    log(f"journal file, N={n}, {reps} interleaved reps, {out['filesystem']} at {directory}:")
+    for mode in JOURNAL_MODES:
+        log(
+            f"  {mode:<7} {medians[mode]:8.2f} us per fact (p90 {out['fact_us_p90'][mode]:.2f}),"
+            f" lifecycle {out['lifecycle_ms_median'][mode]:.1f} ms"
+        )
+    return out
+
+
+def _filesystem(directory: str) -> str:
+    """The type of the filesystem ``directory`` is on (from /proc/mounts), or "unknown"."""
+    best, kind = "", "unknown"
+    try:
+        with open("/proc/mounts", encoding="utf-8") as mounts:
+            for line in mounts:
+                _, point, fstype, *_ = line.split()
+                if os.path.realpath(directory).startswith(point) and len(point) > len(best):
+                    best, kind = point, fstype
+    except OSError:
+        pass
+    return kind
+
+
 # --- profiling ------------------------------------------------------------------------------
 
 
@@ -828,8 +913,19 @@ def main(argv: list[str] | None = None) -> int:
         help="cProfile one lifecycle of N plates (default 1000) instead of benchmarking",
     )
     parser.add_argument("--top", type=int, default=25, help="rows per profile table")
+    parser.add_argument(
+        "--journal-file",
+        nargs="?",
+        const=".",
+        metavar="DIR",
+        help="measure a journal file's cost per fact (memory / flush / fsync), writing in "
+        "DIR (default: the current directory, i.e. a real disk rather than a tmpfs)",
+    )
     args = parser.parse_args(argv)
-    if args.profile is not None:
+    if args.journal_file is not None:
+        reps = 3 if args.quick else 7
+        result = journal_file_costs(1_000, reps, os.path.abspath(args.journal_file))
+    elif args.profile is not None:
         result = profile(args.profile, args.top)
     else:
         result = run(QUICK if args.quick else FULL, args.quick, args.gc_off)

@@ -87,7 +87,19 @@ def _check_custom_engine(lines: list[str]) -> None:
     assert lines[-1] == "batch failed: 2 completed, 1 failed"
 
 
+def _check_crash_and_resume(lines: list[str]) -> None:
+    match = re.fullmatch(r"resumed: (\d) plates had settled before the crash", lines[0])
+    assert match is not None, lines
+    before = int(match[1])
+    assert 1 <= before < 6
+    after = lines[1:-1]
+    assert len(after) == 6 - before
+    assert all(line.endswith(": completed") for line in after), after
+    assert lines[-1] == "batch completed"
+
+
 CHECKS: dict[str, Callable[[list[str]], None]] = {
+    "crash-and-resume": _check_crash_and_resume,
     "minimal-host": _check_minimal_host,
     "qt-style-host": _check_qt_style_host,
     "first-batch": _check_first_batch,
