@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from plateflow.core import Journal, Reason, replay
@@ -133,6 +133,9 @@ def check_across_the_crash(crash: Crash, *, resubmitted: bool) -> None:
     assert journal.torn is None
     batch = replay(journal)
     assert batch.settled
+    resumed_at = next(r.seq for r in journal if r.fact.kind == "batch_resumed")
+    before = replay(journal, until=resumed_at)
+    event(f"plates settled before the kill: {len(before.settled_plates()) // 10 * 10}+")
     plates = [f"p{i:02d}" for i in range(PLATES)]
     # Exactly one terminal record per plate, whichever process wrote it.
     settled = [
@@ -188,6 +191,8 @@ def _crash_settings() -> settings:
 
 @_crash_settings()
 @given(k=st.integers(min_value=0, max_value=PLATES * 8))
+@example(k=PLATES * 2)  # mid-compile, whatever Hypothesis draws
+@example(k=PLATES * 5)  # mid-execution
 def test_a_host_killed_anywhere_on_the_zmq_engine_is_resumed_exactly_once(
     k: int, runtime_dir: Path
 ) -> None:
@@ -208,6 +213,7 @@ def test_a_host_killed_anywhere_on_the_zmq_engine_is_resumed_exactly_once(
 
 @_crash_settings()
 @given(k=st.integers(min_value=0, max_value=PLATES * 8))
+@example(k=PLATES * 5)  # mid-execution, whatever Hypothesis draws
 def test_a_host_killed_anywhere_on_the_local_engine_resubmits_what_never_ran_once(
     k: int,
 ) -> None:
