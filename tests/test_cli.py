@@ -791,12 +791,16 @@ def test_sigterm_and_sighup_cancel_write_summary_and_journal_and_stop_the_server
     assert not (runtime_dir / "server.json").exists()
 
 
+@pytest.mark.parametrize("kind", ["zmq", "local"])
 def test_a_killed_run_is_resumed_from_its_journal_and_reports_every_plate_once(
-    tmp_path: Path,
+    tmp_path: Path, kind: str
 ) -> None:
-    batch = _batch(
-        tmp_path, plates=4, pause=1.5, engine=ZmqEngineSettings(runtime_dir="server", workers=2)
+    engine: AnyEngineSettings = (
+        ZmqEngineSettings(runtime_dir="server", workers=2)
+        if kind == "zmq"
+        else LocalEngineSettings(workers=2)
     )
+    batch = _batch(tmp_path, plates=4, pause=1.5, engine=engine)
     journal_path = tmp_path / "output" / "journal.jsonl"
     process = _Process("run", str(batch))
     process.wait_for_line(f"journal: {journal_path}")
@@ -810,7 +814,7 @@ def test_a_killed_run_is_resumed_from_its_journal_and_reports_every_plate_once(
     before = Journal.load(journal_path)
     assert not replay(before).settled
 
-    resumed = _Process("resume", str(journal_path), "--json")
+    resumed = _Process("resume", str(journal_path), "--json", "--resubmit-lost")
     code, out, err = resumed.finish()
     assert code == 0, err
     assert f"resuming from {journal_path}" in err
