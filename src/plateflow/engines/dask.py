@@ -49,6 +49,17 @@ scheduler's last answer, and at once when the connection visibly closes. A
 worker that dies fails the executions it was running (the scheduler's
 ``remove-worker`` event names it; on a cluster this engine started, Dask is
 also told not to retry such a task), and no other plate is touched.
+
+Surviving the host: on a scheduler given by address, the engine keeps every
+submission it holds published on the scheduler (``_dask_keep``), so its work
+outlives its client, under a namespace (the event topic) that ``identity()``
+names. A new engine that ``adopt``s that identity subscribes to the same topic
+(progress of the old work reaches it) and ``recover`` fetches the published
+futures, asks the scheduler which have ended and the workers which run, and
+tracks them as its own. Facts of a submission are held back until its
+publication landed and its Accepted fact is pushed, and, while ``recover``
+runs, left to its answer. A LocalCluster the engine started dies with it:
+nothing is published there.
 """
 
 from __future__ import annotations
@@ -84,15 +95,19 @@ from plateflow.core.facts import (
     ExecutionSucceeded,
     Fact,
 )
+from plateflow.engines import _dask_keep as keep
+from plateflow.engines._dask_keep import Keeper, Kept
 from plateflow.engines.base import (
     Engine,
     EngineError,
     FactSink,
+    Recovered,
     Submission,
     cancelled_fact,
     failed_fact,
     status_fact,
 )
+from plateflow.errors import UsageError
 from plateflow.jobs import CompileJob
 from plateflow.pipeline.run import (
     DEFAULT_ALLOWED_MODULES,
@@ -116,8 +131,6 @@ _DaskFuture = Any
 _log = logging.getLogger(__name__)
 
 _Phase = Literal["compile", "execute"]
-_COMPILE_PREFIX: Final = "plateflow-compile"
-_EXECUTE_PREFIX: Final = "plateflow-execute"
 _STOP_TTL: Final = 3600.0
 """How long a worker remembers a stop request for an execution it never ran."""
 
@@ -131,6 +144,8 @@ _STOP_TTL: Final = 3600.0
 _stop_lock = threading.Lock()
 _stop_requests: dict[str, float] = {}
 """Executions asked to stop on this worker: id -> when (monotonic)."""
+_running: dict[str, tuple[str, int]] = {}
+"""Executions running in this process: id -> (worker address, pid), for a resuming engine."""
 
 
 def _request_stop(execution_id: str) -> bool:
@@ -147,9 +162,16 @@ def _stop_requested(execution_id: str) -> bool:
     return execution_id in _stop_requests
 
 
-def _forget_stop(execution_id: str) -> None:
+def _forget_run(execution_id: str) -> None:
     with _stop_lock:
         _stop_requests.pop(execution_id, None)
+        _running.pop(execution_id, None)
+
+
+def _running_here(execution_ids: Collection[str]) -> dict[str, tuple[str, int]]:
+    """Which of these executions run here: on which worker, in which process (``client.run``)."""
+    with _stop_lock:
+        return {sid: _running[sid] for sid in execution_ids if sid in _running}
 
 
 def _unwanted(worker: Any, key: object) -> bool:
@@ -218,6 +240,8 @@ def _execute_task(compiled: CompiledPipeline, run: _Run) -> dict[str, JsonValue]
     """Run one plate's pipeline; the return value is the outcome, never an exception."""
     worker = get_worker()
     sid = run.execution_id
+    with _stop_lock:
+        _running[sid] = (worker.address, os.getpid())
     worker.log_event(
         run.topic, {"t": "started", "sid": sid, "worker": worker.address, "pid": os.getpid()}
     )
@@ -261,7 +285,7 @@ def _execute_task(compiled: CompiledPipeline, run: _Run) -> dict[str, JsonValue]
     except BaseException as exc:  # a step may raise anything, SystemExit included
         return {"t": "failed", "error": _describe(exc), "stopping": cancelled()}
     finally:
-        _forget_stop(sid)
+        _forget_run(sid)
 
 
 # --- in the client ----------------------------------------------------------------------
@@ -283,6 +307,17 @@ class _Work:
     pid: int | None = None
     cancel_requested: bool = False
     terminal: Fact | None = None
+    held: list[Fact] | None = None
+    """Facts waiting for the submission's acknowledgement (pushed right after it)."""
+    adopting: bool = False
+    """Being found again by :meth:`DaskEngine.recover`, whose answer reports it: push nothing."""
+
+
+def _adopting(phase: _Phase, sid: str, kept: Kept) -> _Work:
+    work = _Work(phase, sid, kept.plate_id, kept.future.key, future=kept.future, adopting=True)
+    if phase == "execute" and kept.artifact is not None:
+        work.artifact = (kept.plate_id, kept.artifact)
+    return work
 
 
 def _int_or_none(value: object) -> int | None:
@@ -345,6 +380,7 @@ class DaskEngine(Engine):
                 "they cannot apply to an existing scheduler"
             )
         self._address = scheduler_address
+        self._owns_cluster = scheduler_address is None
         self._n_workers = n_workers or os.cpu_count() or 1
         self._threads = threads_per_worker
         self._processes = processes
@@ -359,9 +395,12 @@ class DaskEngine(Engine):
 
         self._lock = threading.Lock()
         self._works: dict[tuple[_Phase, str], _Work] = {}
-        self._artifacts: dict[tuple[str, str], _DaskFuture] = {}
-        """Compile futures that succeeded, by (plate, artifact id): what executions depend on."""
+        self._artifacts: dict[tuple[str, str], tuple[_DaskFuture, str]] = {}
+        """Compile futures that succeeded, and their job ids, by (plate, artifact id)."""
         self._topic = f"plateflow-{uuid.uuid4().hex[:12]}"
+        """Names this engine's events and its published submissions (see ``_dask_keep``)."""
+        self._keeper: Keeper | None = None
+        self._adopted = False
 
         self._sink: FactSink | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -433,6 +472,15 @@ class DaskEngine(Engine):
             await self._close_cluster()
             raise EngineError(f"cannot connect to the dask scheduler at {address}: {exc}") from exc
         self._address = address
+        if not self._owns_cluster and not keep.supported():
+            _log.warning("dask engine: this distributed cannot keep work alive past its host")
+        self._keeper = Keeper(
+            self._client,
+            self._topic,
+            enabled=self._survives(),
+            timeout=self._liveness_timeout,
+            on_trouble=self._wake_watchdog,
+        )
         self._client.subscribe_topic(self._topic, self._on_task_event)
         self._client.subscribe_topic("all", self._on_cluster_event)
         self._check_now = asyncio.Event()
@@ -440,8 +488,8 @@ class DaskEngine(Engine):
 
     async def submit_compile(self, job_id: str, job: CompileJob) -> None:
         client = self._usable()
-        key = (_COMPILE_PREFIX, job_id, job.plate_id)
-        work = _Work("compile", job_id, job.plate_id, key)
+        key = keep.task_key("compile", job_id, job.plate_id)
+        work = _Work("compile", job_id, job.plate_id, key, held=[])
         with self._lock:
             duplicate = ("compile", job_id) in self._works
             if not duplicate:
@@ -465,15 +513,17 @@ class DaskEngine(Engine):
             self._topic,
             job_id,
         )
-        if future is not None:
-            self._push(
-                CompileAccepted(observed_at=time.time(), plate_id=job.plate_id, job_id=job_id)
-            )
+        await self._acknowledge(
+            work,
+            future,
+            None,
+            CompileAccepted(observed_at=time.time(), plate_id=job.plate_id, job_id=job_id),
+        )
 
     async def submit_execution(self, execution_id: str, job: CompileJob, artifact_id: str) -> None:
         client = self._usable()
-        key = (_EXECUTE_PREFIX, execution_id, job.plate_id)
-        work = _Work("execute", execution_id, job.plate_id, key)
+        key = keep.task_key("execute", execution_id, job.plate_id)
+        work = _Work("execute", execution_id, job.plate_id, key, held=[])
         error: str | None = None
         with self._lock:
             artifact = self._artifacts.get((job.plate_id, artifact_id))
@@ -498,6 +548,7 @@ class DaskEngine(Engine):
             )
             return
         assert self._output_dir is not None  # set by start
+        assert artifact is not None
         run = _Run(
             topic=self._topic,
             execution_id=execution_id,
@@ -507,12 +558,15 @@ class DaskEngine(Engine):
             output_dir=self._output_dir,
             progress_interval=self._progress_interval,
         )
-        if self._submit(client, work, _execute_task, artifact, run) is not None:
-            self._push(
-                ExecutionAccepted(
-                    observed_at=time.time(), plate_id=job.plate_id, execution_id=execution_id
-                )
-            )
+        future = self._submit(client, work, _execute_task, artifact[0], run)
+        await self._acknowledge(
+            work,
+            future,
+            artifact_id,
+            ExecutionAccepted(
+                observed_at=time.time(), plate_id=job.plate_id, execution_id=execution_id
+            ),
+        )
 
     async def cancel(self, submission: Submission) -> None:
         client = self._usable()
@@ -532,7 +586,11 @@ class DaskEngine(Engine):
             )
         else:
             # Not started (or a compile): Dask drops it; the done callback confirms. Should it
-            # have started meanwhile, its worker sees the key released (ctx.cancelled).
+            # have started meanwhile, its worker sees the key released (ctx.cancelled). The
+            # scheduler cancels only a key nobody else wants: unpublish it first.
+            keeper = self._keeper
+            assert keeper is not None  # set by start
+            await keeper.drop([(work.phase, work.submission_id)])
             await self._call(client.cancel([future]), f"cancel of {work.submission_id}")
 
     async def status(self, submissions: Sequence[Submission]) -> list[Fact]:
@@ -614,12 +672,16 @@ class DaskEngine(Engine):
                 if work.future is not None:
                     futures.append(work.future)
                     work.future = None
-            futures.extend(self._artifacts.values())
+            futures.extend(future for future, _ in self._artifacts.values())
             self._artifacts.clear()
         for fact in facts:
             self._push(fact)
         self._sink = None
-        client = self._client
+        client, keeper = self._client, self._keeper
+        if keeper is not None and client.status == "running":
+            # Also after a loss, once Dask reconnected: what this engine published must not
+            # outlive it (the scheduler cancels only keys nobody else wants: clear first).
+            await keeper.clear()
         if client is not None and self._lost is None:
             for work in running:
                 assert work.worker is not None
@@ -667,6 +729,138 @@ class DaskEngine(Engine):
         where = self._address or "LocalCluster (not started)"
         return f"<DaskEngine {state} scheduler={where} pending={pending}>"
 
+    # --- surviving a host restart -------------------------------------------------------------
+
+    def identity(self) -> dict[str, JsonValue]:
+        """The scheduler and the namespace this engine's work can be found under.
+
+        ``survives`` is false for an engine that started its own LocalCluster:
+        that cluster, and all work on it, ends with this process (and with a
+        distributed too old to keep work alive safely; see ``_dask_keep``).
+        """
+        return keep.identity(self._address, self._topic, survives=self._survives())
+
+    def _survives(self) -> bool:
+        return not self._owns_cluster and keep.supported()
+
+    def adopt(self, identity: dict[str, JsonValue]) -> None:
+        if self._client is not None or self._closed:
+            raise UsageError("adopt() must come before start() on a new DaskEngine")
+        namespace = keep.adoptable(identity, None if self._owns_cluster else self._address)
+        if namespace is not None:  # else its cluster died with it: nothing to take over
+            self._topic = namespace
+        self._adopted = namespace is not None
+
+    async def recover(self, submissions: Sequence[Submission]) -> Recovered:
+        """Find the adopted namespace's published submissions; track them as this engine's own.
+
+        Call once, with every unsettled submission. Each one found is reported
+        where it is now and its later facts reach the sink; the rest are
+        ``unknown``, and ``never_ran`` stays empty (Dask keeps no record of a key
+        it forgot; see docs/dask.md). Compiles nobody asked about that succeeded
+        are kept as artifacts, so a plate compiled before the crash can still be
+        executed; everything else of the namespace nobody asked about is let go.
+        """
+        client = self._usable()
+        keeper = self._keeper
+        assert keeper is not None  # set by start
+        asked = list(dict.fromkeys(submissions))
+        if not self._adopted:
+            return Recovered(unknown=tuple(asked))
+        wanted = {(s.phase, s.submission_id): s.plate_id for s in asked}
+        try:
+            found = await keeper.recover(self._connect_timeout)
+            states: Mapping[Any, str] = {}
+            keys = [kept.future.key for kept in found.values()]
+            if keys:
+                states = await asyncio.wait_for(
+                    client.scheduler.get_task_status(keys=keys), self._liveness_timeout
+                )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise EngineError(
+                f"cannot look for the adopted work on {self._address}: {exc}"
+            ) from exc
+        with self._lock:  # (what this engine tracks already is its own, not adopted)
+            works = [
+                _adopting(p, sid, k) for (p, sid), k in found.items() if (p, sid) not in self._works
+            ]
+        for work in works:
+            if wanted.get((work.phase, work.submission_id), work.plate_id) != work.plate_id:
+                wanted.pop((work.phase, work.submission_id))  # not that plate's: unknown
+        # Compiles first (every one found: a plate's artifact may be one nobody asked about),
+        # so that an execution found finished can release its plate's artifact.
+        for phase in ("compile", "execute"):
+            mine = [
+                w
+                for w in works
+                if w.phase == phase and (phase == "compile" or (phase, w.submission_id) in wanted)
+            ]
+            with self._lock:
+                for work in mine:
+                    self._works[(work.phase, work.submission_id)] = work
+            for work in mine:
+                if work.future is not None:
+                    work.future.add_done_callback(partial(self._on_done, work))
+            sids = [w.submission_id for w in mine if w.phase == "execute"]
+            running = await keep.running(client, _running_here, sids, self._liveness_timeout)
+            with self._lock:  # which have started, and where (for cancel)
+                for work in mine:
+                    where = running.get(work.submission_id)
+                    if where is not None and not work.started:
+                        work.started, (work.worker, work.pid) = True, where
+            done = [w for w in mine if states.get(w.key) in ("memory", "erred")]
+            if done:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        asyncio.gather(*(self._conclude_found(w) for w in done)),
+                        self._connect_timeout,
+                    )
+        return self._recovered(asked, works, wanted)
+
+    def _recovered(
+        self, asked: list[Submission], works: list[_Work], wanted: Mapping[tuple[_Phase, str], str]
+    ) -> Recovered:
+        facts: list[Fact] = []
+        unknown: list[Submission] = []
+        release: list[_DaskFuture] = []
+        unpublish: list[tuple[_Phase, str]] = []
+        with self._lock:
+            for work in works:
+                work.adopting = False
+                if (work.phase, work.submission_id) in wanted or isinstance(
+                    work.terminal, CompileSucceeded
+                ):
+                    continue
+                # Nobody asked about it: let it go (Dask then drops it, or stops it at the
+                # step's next look at ctx.cancelled); quietly: its callbacks ignore it.
+                if self._works.get((work.phase, work.submission_id)) is work:
+                    del self._works[(work.phase, work.submission_id)]
+                if work.terminal is None:
+                    work.terminal = self._cancelled(work)
+                unpublish.append((work.phase, work.submission_id))
+                if work.future is not None:
+                    release.append(work.future)
+                    work.future = None
+            for sub in asked:
+                mine = self._works.get((sub.phase, sub.submission_id))
+                if mine is None or mine.plate_id != sub.plate_id:
+                    unknown.append(sub)
+                else:
+                    known = Submission(mine.plate_id, mine.phase, mine.submission_id)
+                    facts.append(status_fact(known, terminal=mine.terminal, started=mine.started))
+        self._let_go(unpublish, release)
+        return Recovered(facts=tuple(facts), unknown=tuple(unknown))
+
+    async def _conclude_found(self, work: _Work) -> None:
+        future = work.future
+        if future is None:
+            return
+        await future.exception()  # waits until the scheduler's report arrived
+        if future.status in ("finished", "error"):
+            await self._conclude(work, future)
+
     # --- submitting --------------------------------------------------------------------------
 
     def _usable(self) -> Any:
@@ -692,6 +886,24 @@ class DaskEngine(Engine):
         future.add_done_callback(partial(self._on_done, work))
         return future
 
+    async def _acknowledge(
+        self, work: _Work, future: _DaskFuture, artifact: str | None, accepted: Fact
+    ) -> None:
+        """Publish the submission, then push its Accepted fact and what it held back meanwhile.
+
+        Published first, so that whatever the host hears was accepted can be found
+        again after a crash; held back, so that the facts still come in order.
+        """
+        keeper = self._keeper
+        assert keeper is not None  # set by start
+        try:
+            await keeper.keep(work.phase, work.submission_id, future, artifact)
+        finally:
+            with self._lock:  # pushed under the lock: nothing of this work overtakes them
+                held, work.held = work.held or [], None
+                for fact in (accepted, *held):
+                    self._push(fact)
+
     async def _call(self, awaitable: Any, what: str, *, quiet: bool = False) -> None:
         """Await one client call within the liveness timeout; a failure is logged, not raised.
 
@@ -716,9 +928,19 @@ class DaskEngine(Engine):
         except Exception:  # the sink must not raise; if it does, the engine carries on
             _log.exception("the fact sink raised on %r", fact)
 
+    def _emits(self, work: _Work, fact: Fact) -> bool:
+        """Whether a fact of this work is pushed now (the caller holds the lock)."""
+        if work.adopting:
+            return False
+        if work.held is not None:
+            work.held.append(fact)
+            return False
+        return True
+
     def _settle(self, work: _Work, fact: Fact) -> None:
         """Record the one terminal fact of a submission (first wins) and push it."""
         release: list[_DaskFuture] = []
+        unpublish: list[tuple[_Phase, str]] = []
         with self._lock:
             if work.terminal is not None or self._lost is not None:
                 return
@@ -727,17 +949,28 @@ class DaskEngine(Engine):
                 # The plate is done with its artifact: let Dask forget both tasks.
                 if work.future is not None:
                     release.append(work.future)
+                    unpublish.append(("execute", work.submission_id))
                     work.future = None
                 if work.artifact is not None:
                     artifact = self._artifacts.pop(work.artifact, None)
                     if artifact is not None:
-                        release.append(artifact)
+                        release.append(artifact[0])
+                        unpublish.append(("compile", artifact[1]))
             elif not isinstance(fact, CompileSucceeded) and work.future is not None:
                 release.append(work.future)
+                unpublish.append(("compile", work.submission_id))
                 work.future = None
-        self._push(fact)
-        for future in release:
-            future.release()  # thread-safe: hands the decref to the client's loop
+            push = self._emits(work, fact)
+        if push:
+            self._push(fact)
+        if release:
+            self._on_loop(self._let_go, unpublish, release)
+
+    def _let_go(self, submissions: list[tuple[_Phase, str]], futures: list[_DaskFuture]) -> None:
+        """Stop keeping these published, then let Dask forget them (on the client's loop)."""
+        keeper = self._keeper
+        if keeper is not None and not self._closed:
+            keeper.drop(submissions, futures)
 
     @staticmethod
     def _cancelled(work: _Work) -> Fact:
@@ -761,6 +994,8 @@ class DaskEngine(Engine):
             if work is None or work.terminal is not None:
                 return
             if kind == "started":
+                if work.started:  # a resumed engine may have learnt it already
+                    return
                 work.started = True
                 work.worker = str(message.get("worker"))
                 pid = message.get("pid")
@@ -790,7 +1025,11 @@ class DaskEngine(Engine):
         except (ValueError, KeyError, TypeError) as exc:
             _log.warning("dropped a malformed event from a dask task: %r (%s)", message, exc)
             return
-        if fact is not None:
+        if fact is None:
+            return
+        with self._lock:
+            push = work.terminal is None and self._emits(work, fact)
+        if push:
             self._push(fact)
 
     def _compiled(self, work: _Work, artifact_id: str) -> None:
@@ -799,9 +1038,9 @@ class DaskEngine(Engine):
             if future is None or work.terminal is not None:
                 return
             previous = self._artifacts.get((work.plate_id, artifact_id))
-            self._artifacts[(work.plate_id, artifact_id)] = future
-        if previous is not None and previous is not future:
-            previous.release()
+            self._artifacts[(work.plate_id, artifact_id)] = (future, work.submission_id)
+        if previous is not None and previous[0] is not future:
+            self._on_loop(self._let_go, [("compile", previous[1])], [previous[0]])
         self._settle(
             work,
             CompileSucceeded(
