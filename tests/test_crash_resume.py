@@ -228,3 +228,39 @@ def test_a_host_killed_anywhere_on_the_local_engine_resubmits_what_never_ran_onc
             return  # killed before the batch began: there is nothing to resume
         resume(crash.host("resume", "local", *ledger, "--resubmit-lost"))
         check_across_the_crash(crash, resubmitted=True)
+
+
+@pytest.fixture(scope="module")
+def scheduler() -> Iterator[str]:
+    """A Dask cluster that outlives every host of the test: workers are threads here."""
+    from distributed import LocalCluster
+
+    cluster = LocalCluster(  # type: ignore[no-untyped-call]
+        n_workers=1,
+        threads_per_worker=2,
+        processes=False,
+        protocol="tcp",  # the hosts are other processes
+        host="127.0.0.1",
+        dashboard_address=None,
+    )
+    try:
+        yield str(cluster.scheduler_address)
+    finally:
+        cluster.close()  # type: ignore[no-untyped-call]
+
+
+@_crash_settings()
+@given(k=st.integers(min_value=0, max_value=PLATES * 8))
+@example(k=PLATES * 5)  # mid-execution, whatever Hypothesis draws
+def test_a_host_killed_anywhere_on_dask_is_resumed_exactly_once(k: int, scheduler: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="pfc-") as folder:
+        crash = Crash(Path(folder))
+        crash.markers.mkdir()
+        extra = ("--scheduler", scheduler)
+        finished = run_and_kill(crash.host("run", "dask", *extra), crash, k)
+        if finished is not None:
+            assert finished == 0
+        if not crash.journal.exists() or b"\n" not in crash.journal.read_bytes():
+            return  # killed before the batch began: there is nothing to resume
+        resume(crash.host("resume", "dask", *extra))
+        check_across_the_crash(crash, resubmitted=False)
