@@ -618,18 +618,25 @@ def test_a_batch_on_the_embedded_server_shows_in_status_and_ctrl_c_stops_it(
         tmp_path, pause=60.0, cancel_grace=5.0, engine=ZmqEngineSettings(runtime_dir="server")
     )
     process = _Process("run", str(batch), "--json")
-    process.wait_for_line("test: executing")
-    assert main(["status", "--runtime-dir", str(runtime_dir), "--json"]) == 0
-    info = json.loads(capsys.readouterr().out)
-    assert info["running"] + info["queued"] == 2
-    assert {s["phase"] for s in info["running_submissions"]} == {"execute"}
-    assert main(["status", "--runtime-dir", str(runtime_dir)]) == 0
-    human = capsys.readouterr().out
-    assert human.startswith(f"server {info['server_id']} (pid {info['pid']})")
-    assert "plate-0001" in human
-    assert "queued" in human
-    process.ctrl_c()
-    code, out, err = process.finish()
+    try:
+        process.wait_for_line("test: executing")
+        deadline = time.monotonic() + 30  # the batch executes; its workers pick the work up
+        while True:
+            assert main(["status", "--runtime-dir", str(runtime_dir), "--json"]) == 0
+            info = json.loads(capsys.readouterr().out)
+            if info["running_submissions"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert info["running"] + info["queued"] == 2
+        assert {s["phase"] for s in info["running_submissions"]} == {"execute"}
+        assert main(["status", "--runtime-dir", str(runtime_dir)]) == 0
+        human = capsys.readouterr().out
+        assert human.startswith(f"server {info['server_id']} (pid {info['pid']})")
+        assert "plate-0001" in human
+        assert "queued" in human
+    finally:
+        process.ctrl_c()
+        code, out, err = process.finish()
     assert code == 130, err
     result = json.loads(out)
     assert result["outcome"] == "cancelled"
@@ -774,10 +781,14 @@ def test_sigterm_and_sighup_cancel_write_summary_and_journal_and_stop_the_server
         engine=ZmqEngineSettings(runtime_dir="server", workers=2),
     )
     process = _Process("run", str(batch))
-    process.wait_for_line("test: executing")
-    server = json.loads((runtime_dir / "server.json").read_text())["pid"]
-    processes = {server, *_descendants(server)}
-    assert len(processes) >= 3, "the server and its two workers at least"
+    try:
+        process.wait_for_line("test: executing")
+        server = json.loads((runtime_dir / "server.json").read_text())["pid"]
+        processes = {server, *_descendants(server)}
+        assert len(processes) >= 3, "the server and its two workers at least"
+    except BaseException:
+        process._stop()
+        raise
     process.popen.send_signal(signum)
     code, out, err = process.finish()
     assert code == 128 + signum, err
@@ -805,8 +816,10 @@ def test_a_killed_run_is_resumed_from_its_journal_and_reports_every_plate_once(
     process = _Process("run", str(batch))
     process.wait_for_line(f"journal: {journal_path}")
     deadline = time.monotonic() + 60
-    while b'"execution_started"' not in journal_path.read_bytes():  # the server has the work
-        assert time.monotonic() < deadline, "no execution started within 60 s"
+    while b'"execution_started"' not in journal_path.read_bytes():  # the engine has the work
+        if time.monotonic() > deadline:
+            process._stop()
+            raise AssertionError("no execution started within 60 s")
         time.sleep(0.01)
     process.popen.kill()
     code, _out, _err = process.finish()
