@@ -28,6 +28,7 @@ from plateflow.core import (
     CompileSucceeded,
     Disposition,
     ExecutionAccepted,
+    ExecutionCancelled,
     ExecutionStarted,
     ExecutionSucceeded,
     Fact,
@@ -66,6 +67,9 @@ class World:
         self.running: dict[str, Submission] = {}
         self.finished: dict[str, Fact] = {}
         self.listener: WorldEngine | None = None
+        self.cancels: list[str] = []
+        """Every cancel that reached the world, in order."""
+        self.confirm_cancels = False
 
     def finish(self, submission_id: str) -> None:
         """The work of one running submission ends well; its listener hears if any."""
@@ -126,6 +130,13 @@ class WorldEngine(Engine):
 
     async def cancel(self, submission: Submission) -> None:
         self._check()
+        self.world.cancels.append(submission.submission_id)
+        if self.world.confirm_cancels and self.world.running.pop(submission.submission_id, None):
+            self.push(
+                ExecutionCancelled(
+                    plate_id=submission.plate_id, execution_id=submission.submission_id
+                )
+            )
 
     async def status(self, submissions: Sequence[Submission]) -> list[Fact]:
         self._check()
@@ -447,3 +458,150 @@ async def test_a_journal_that_cannot_be_written_stops_nothing_but_is_reported(
     assert len(errors) == 1
     assert "could not write the journal" in errors[0].args[0]
     assert len(Journal.load(tmp_path / "cut.jsonl")) < len(service.batch.journal)  # type: ignore[union-attr]
+
+
+@_bounded
+async def test_a_cancel_pending_at_the_crash_is_sent_again_and_settles_the_plate(
+    tmp_path: Path,
+) -> None:
+    world = World()
+    journal = tmp_path / "live.jsonl"
+    engine = WorldEngine(world)
+    service = BatchWorkflowService(RecordingHost(), engine, status_interval=30.0)
+    run = asyncio.get_running_loop().create_task(
+        service.run_plates(_plates(3), pipeline=PIPELINE, journal=journal)
+    )
+    await _until(lambda: len(world.running_ids("execute")) == 3, "every execution submitted")
+    lost = world.running_ids("execute")[2]
+    service.cancel("p1")
+    service.cancel("p2")
+    await _until(lambda: len(world.cancels) == 2, "both cancels reached the engine")
+    engine.crash()  # neither cancel was confirmed
+    crashed = tmp_path / "crashed.jsonl"
+    shutil.copyfile(journal, crashed)
+    del world.running[lost]  # and the engine forgot p2's execution meanwhile
+
+    world.confirm_cancels = True
+    host = RecordingHost()
+    again = BatchWorkflowService(host, WorldEngine(world), status_interval=30.0)
+    task = asyncio.get_running_loop().create_task(again.resume(crashed))
+    await _until(lambda: "p1" in host.completed(), "p1's cancel confirmed")
+    world.finish(world.running_ids("execute")[0])
+    summary = await asyncio.wait_for(task, WAIT)
+    await again.close()
+    await _bury(service, run)
+
+    assert world.cancels[2:] == [world.cancels[0]], "p1's cancel, sent again; p2's was lost"
+    reasons = {s.plate_id: s.reason for s in summary.plates}
+    assert reasons == {
+        "p0": Reason.SUCCEEDED,
+        "p1": Reason.CANCEL_REQUESTED,
+        "p2": Reason.CANCEL_REQUESTED,  # its work is gone: that confirms the cancel
+    }
+    assert summary.outcome is BatchState.CANCELLED
+
+
+@_bounded
+async def test_a_journal_cut_before_the_batch_started_starts_it_on_resume(
+    tmp_path: Path,
+) -> None:
+    world = World()
+    journal = tmp_path / "live.jsonl"
+    service = BatchWorkflowService(RecordingHost(), WorldEngine(world), status_interval=30.0)
+    run = asyncio.get_running_loop().create_task(
+        service.run_plates(_plates(2), pipeline=PIPELINE, journal=journal)
+    )
+    await _until(lambda: len(world.running_ids("execute")) == 2, "executions")
+    header_only = tmp_path / "header.jsonl"
+    header_only.write_bytes(journal.read_bytes().splitlines(keepends=True)[0])
+    world.confirm_cancels = True
+    await _bury(service, run)
+    world.running.clear()  # as if the host had died before submitting anything
+    world.finished.clear()
+
+    host = RecordingHost()
+    again = BatchWorkflowService(host, WorldEngine(world), status_interval=30.0)
+    task = asyncio.get_running_loop().create_task(again.resume(header_only))
+    await _until(lambda: len(world.running_ids("execute")) == 2, "the batch started again")
+    for sid in world.running_ids("execute"):
+        world.finish(sid)
+    summary = await asyncio.wait_for(task, WAIT)
+    await again.close()
+    assert summary.outcome is BatchState.COMPLETED
+    (resumed,) = host.names("on_resumed")
+    assert resumed[0].settled == ()
+    assert resumed[0].unsettled == ("p0", "p1")
+    kinds = [r.fact.kind for r in Journal.load(header_only)]
+    assert kinds[:2] == ["batch_resumed", "batch_started"]
+
+
+def test_outstanding_names_each_unsettled_plates_current_submission() -> None:
+    from helpers import execution, feed, job, make_batch
+    from plateflow.core import BatchStarted as Start
+    from plateflow.core import CancelRequested, CompileAccepted, CompileSucceeded
+
+    batch = make_batch(4)
+    assert batch.outstanding() == ()  # nothing submitted before the start
+    feed(batch, [Start(), CompileAccepted(plate_id="p1", job_id=job(batch, "p1"))])
+    assert batch.outstanding() == tuple(
+        (p, "compile", job(batch, p)) for p in ("p0", "p1", "p2", "p3")
+    )
+    feed(
+        batch,
+        [
+            CompileSucceeded(plate_id=p, job_id=job(batch, p), artifact_id="a")
+            for p in ("p0", "p1", "p2")
+        ],
+    )
+    # Compiled plates wait at the barrier with no submission of their own.
+    assert batch.outstanding() == (("p3", "compile", job(batch, "p3")),)
+    feed(
+        batch,
+        [
+            CompileSucceeded(plate_id="p3", job_id=job(batch, "p3"), artifact_id="a"),
+            CancelRequested(plate_id="p0"),
+            ExecutionAccepted(plate_id="p1", execution_id=execution(batch, "p1")),
+            ExecutionSucceeded(plate_id="p2", execution_id=execution(batch, "p2")),
+        ],
+    )
+    # Submitted (compiled), accepted (executing), being cancelled: all still current;
+    # the settled plate has none.
+    assert batch.outstanding() == (
+        ("p0", "execute", execution(batch, "p0")),
+        ("p1", "execute", execution(batch, "p1")),
+        ("p3", "execute", execution(batch, "p3")),
+    )
+
+
+def test_a_resubmitted_execution_starts_and_progresses_afresh() -> None:
+    from helpers import execution, feed, job, make_batch
+    from plateflow.core import BatchStarted as Start
+    from plateflow.core import CompileSucceeded, ExecutionProgress, SubmissionLost, SubmitExecution
+
+    batch = make_batch(1)
+    x = execution(batch, "p0")
+    feed(
+        batch,
+        [
+            Start(),
+            CompileSucceeded(plate_id="p0", job_id=job(batch, "p0"), artifact_id="a"),
+            ExecutionStarted(plate_id="p0", execution_id=x),
+            ExecutionProgress(plate_id="p0", execution_id=x, done=2, total=3),
+        ],
+    )
+    decisions = batch.handle(
+        SubmissionLost(plate_id="p0", phase="execute", submission_id=x, resubmit=True)
+    )
+    assert [d for d in decisions if isinstance(d, SubmitExecution)] == [
+        SubmitExecution("p0", x, "a", batch.journal[-1].fact.stimulus_id)
+    ]
+    feed(
+        batch,
+        [
+            ExecutionStarted(plate_id="p0", execution_id=x),
+            ExecutionProgress(plate_id="p0", execution_id=x, done=1, total=3),
+        ],
+    )
+    assert [r.disposition for r in batch.journal.records[-2:]] == [Disposition.APPLIED] * 2
+    plate = batch.snapshot().plate("p0")
+    assert (plate.done, plate.total) == (1, 3)
