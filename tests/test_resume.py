@@ -434,6 +434,14 @@ async def test_a_journal_that_cannot_be_written_stops_nothing_but_is_reported(
         await service.run_plates(_plates(1), pipeline=PIPELINE, journal=journal)
     await service.close()
 
+    service = BatchWorkflowService(RecordingHost(), WorldEngine(World()))
+    with pytest.raises(UsageError, match=r"journal_context must be JSON: .*set"):
+        await service.run_plates(
+            _plates(1), pipeline=PIPELINE, journal=tmp_path / "j.jsonl", journal_context={"a": {1}}
+        )
+    await service.close()
+    assert not (tmp_path / "j.jsonl").exists()
+
     full = Path("/dev/full")  # every write fails: no space left on the device
     service = BatchWorkflowService(RecordingHost(), WorldEngine(World()))
     with pytest.raises(UsageError, match="cannot write the journal /dev/full: No space left"):

@@ -527,6 +527,8 @@ class BatchWorkflowService:
                 raise UsageError(
                     f"cannot write the journal {journal}: {exc.strerror or exc}"
                 ) from None
+            except (TypeError, ValueError) as exc:  # the host's context is not JSON
+                raise UsageError(f"journal_context must be JSON: {exc}") from None
         self._begin(batch, jobs, refused, journal_file)
         self._to_host(
             "emit_progress_started", len(selected), store=partial(self._reset_stores, selected)

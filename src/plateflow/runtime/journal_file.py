@@ -71,9 +71,10 @@ class JournalFile:
         asked for a journal does not start without one.
         """
         target = Path(path)
+        line = encode_header(header).encode("utf-8")  # a context that is not JSON fails here
         stream = target.open("wb")
         try:
-            stream.write(encode_header(header).encode("utf-8"))
+            stream.write(line)
             _push(stream, fsync)
         except BaseException:
             stream.close()
