@@ -493,6 +493,13 @@ class _RunHost(CliHost):
     canceller: _Canceller | None = None
     journal_note: str | None = None
     """Said once when the batch starts, i.e. once its journal file exists."""
+    journal_failed = False
+    """Whether the journal file stopped growing (the service said so)."""
+
+    def emit_error(self, message: str, *, code: str = "", plate_id: str | None = None) -> None:
+        if code == "journal_write_failed":
+            self.journal_failed = True
+        super().emit_error(message, code=code, plate_id=plate_id)
 
     def emit_progress_started(self, total: int) -> None:
         super().emit_progress_started(total)
@@ -647,7 +654,7 @@ def _run_loaded(
     return _Run(
         summary=summary,
         batch=batch,
-        journal=journal if batch is not None else None,
+        journal=journal if batch is not None and not host.journal_failed else None,
         engine=settings.kind,
         signal=received[0] if received else None,
     )
