@@ -17,8 +17,8 @@ status poller reconciles lost pushes. The seed's flows, step by step, are
 in :meth:`compile_plates` and :meth:`run_plates`.
 
 Durability: given a ``journal`` path, a batch writes each record to it as the
-batch commits it, before any callback about it runs (:mod:`plateflow.runtime.
-journal_file`). The header carries what a new process needs to go on: the
+batch commits it, before any callback about it runs
+(:mod:`plateflow.runtime.journal_file`). The header carries what a new process needs to go on: the
 jobs and the engine's identity. :meth:`resume` rebuilds the batch from such a
 file by replay, lets the engine :meth:`~plateflow.engines.base.Engine.adopt`
 and :meth:`~plateflow.engines.base.Engine.recover` its work, tells the host
