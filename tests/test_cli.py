@@ -34,6 +34,7 @@ from plateflow.batchfile import (
 )
 from plateflow.cli import CliHost, main
 from plateflow.examples.platereader import demo_pipeline, generate_plates
+from processes import descendants, still_alive_after
 
 
 @pytest.mark.parametrize("engine", ["zmq", "local"])
@@ -728,43 +729,6 @@ def test_the_quiet_cli_host_writes_only_errors() -> None:
 # --- signals and resume ---------------------------------------------------------------------
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` is a live process (a zombie counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def _descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (its workers, their fork server...)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def _gone_within(pids: set[int], seconds: float) -> set[int]:
-    """The pids still alive after waiting up to ``seconds`` for them to end."""
-    deadline = time.monotonic() + seconds
-    while (alive := {p for p in pids if _alive(p)}) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return alive
-
-
 @pytest.mark.parametrize(
     ("signum", "said"),
     [(signal.SIGTERM, "terminated (SIGTERM)"), (signal.SIGHUP, "hung up (SIGHUP)")],
@@ -784,7 +748,7 @@ def test_sigterm_and_sighup_cancel_write_summary_and_journal_and_stop_the_server
     try:
         process.wait_for_line("test: executing")
         server = json.loads((runtime_dir / "server.json").read_text())["pid"]
-        processes = {server, *_descendants(server)}
+        processes = {server, *descendants(server)}
         assert len(processes) >= 3, "the server and its two workers at least"
     except BaseException:
         process._stop()
@@ -798,7 +762,7 @@ def test_sigterm_and_sighup_cancel_write_summary_and_journal_and_stop_the_server
     journal = Journal.load(tmp_path / "output" / "journal.jsonl")
     assert journal.torn is None
     assert replay(journal).state == "cancelled"
-    assert _gone_within(processes, 10.0) == set(), "the run's server and workers stopped"
+    assert still_alive_after(processes, 10.0) == set(), "the run's server and workers stopped"
     assert not (runtime_dir / "server.json").exists()
 
 

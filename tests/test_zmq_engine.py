@@ -52,7 +52,7 @@ from plateflow.core.facts import (
     ExecutionSucceeded,
     Fact,
 )
-from plateflow.engines.base import Engine, EngineError, FactSink, Submission
+from plateflow.engines.base import TERMINAL_FACTS, Engine, EngineError, FactSink, Submission
 from plateflow.engines.zmq import rundir
 from plateflow.engines.zmq.engine import (
     DEFAULT_MAX_IN_FLIGHT,
@@ -84,6 +84,7 @@ from plateflow.host import BaseBatchHost
 from plateflow.jobs import CompileJob
 from plateflow.pipeline.spec import PipelineSpec, StepSpec
 from plateflow.service import BatchWorkflowService, Plate
+from processes import descendants, kill_quietly, pid_alive, server_pids
 
 T = TypeVar("T")
 TIMEOUT = 30.0
@@ -134,6 +135,9 @@ class Facts:
     def of(self, sid: str) -> list[Fact]:
         return [f for f in self.all if _sid(f) == sid]
 
+    def terminal(self, sid: str) -> list[Fact]:
+        return [f for f in self.of(sid) if isinstance(f, TERMINAL_FACTS)]
+
     def kinds(self, sid: str) -> list[str]:
         return [f.kind for f in self.of(sid)]
 
@@ -144,60 +148,6 @@ class Facts:
     async def wait(self, sid: str, kind: type[Any]) -> Any:
         await until(lambda: any(isinstance(f, kind) for f in self.of(sid)), f"{kind} for {sid}")
         return next(f for f in self.of(sid) if isinstance(f, kind))
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def server_pids(directory: Path) -> list[int]:
-    """Live ``plateflow serve`` processes whose runtime dir is ``directory``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                args = handle.read().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if "serve" in args and "--runtime-dir" in args:
-            where = args[args.index("--runtime-dir") + 1 :][:1]
-            if where == [str(directory)] and pid_alive(int(entry)):
-                found.append(int(entry))
-    return found
-
-
-def descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8") as stat:
-                ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    out: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in out:
-                out.add(child)
-                todo.append(child)
-    return out
-
-
-def kill_quietly(pids: Sequence[int] | set[int]) -> None:
-    for pid in pids:
-        for sig in (signal.SIGCONT, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
 
 
 @pytest.fixture

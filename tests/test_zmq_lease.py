@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
@@ -52,7 +51,7 @@ from plateflow.core.facts import (
     ExecutionSucceeded,
     Fact,
 )
-from plateflow.engines.base import TERMINAL_FACTS, Engine, FactSink, Submission, submission_key
+from plateflow.engines.base import TERMINAL_FACTS, Engine, Submission, submission_key
 from plateflow.engines.zmq import rundir, stop_server
 from plateflow.engines.zmq.control import ask_info, call
 from plateflow.engines.zmq.engine import ZmqEngine
@@ -63,6 +62,8 @@ from plateflow.host import BaseBatchHost
 from plateflow.jobs import CompileJob
 from plateflow.pipeline.spec import PipelineSpec, StepSpec
 from plateflow.service import BatchWorkflowService, Plate
+from processes import descendants, kill_quietly, pid_alive, server_pids
+from test_zmq_engine import Facts, Spy
 
 T = TypeVar("T")
 TIMEOUT = 30.0
@@ -101,61 +102,6 @@ async def until(predicate: Callable[[], bool], what: str, timeout: float = TIMEO
         await asyncio.sleep(0.02)
 
 
-def pid_alive(pid: int) -> bool:
-    """Running (a zombie is not: it only waits for its parent to reap it)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8") as stat:
-                ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def server_pids(directory: Path) -> list[int]:
-    """Live ``plateflow serve`` processes whose runtime dir is ``directory``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                args = handle.read().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if "serve" in args and "--runtime-dir" in args:
-            where = args[args.index("--runtime-dir") + 1 :][:1]
-            if where == [str(directory)] and pid_alive(int(entry)):
-                found.append(int(entry))
-    return found
-
-
-def kill_quietly(pids: Sequence[int] | set[int]) -> None:
-    for pid in pids:
-        for sig in (signal.SIGCONT, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-
-
 def ticks(directory: Path, plate_id: str) -> list[float]:
     try:
         text = (directory / f"{plate_id}.ticks").read_text(encoding="utf-8")
@@ -186,63 +132,6 @@ def ticking(directory: Path) -> PipelineSpec:
 
 
 NOOP = PipelineSpec(name="noop", steps=(StepSpec(function="steps_for_tests:finish"),))
-
-
-class Facts:
-    """A thread-safe sink."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._facts: list[Fact] = []
-
-    def __call__(self, fact: Fact) -> None:
-        with self._lock:
-            self._facts.append(fact)
-
-    @property
-    def all(self) -> list[Fact]:
-        with self._lock:
-            return list(self._facts)
-
-    def of(self, sid: str) -> list[Fact]:
-        return [f for f in self.all if (key := submission_key(f)) is not None and key[1] == sid]
-
-    def terminal(self, sid: str) -> list[Fact]:
-        return [f for f in self.of(sid) if isinstance(f, TERMINAL_FACTS)]
-
-
-class Spy(Engine):
-    """Any engine, with a copy of every fact it pushes."""
-
-    def __init__(self, inner: Engine) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.facts = Facts()
-
-    async def start(self, sink: FactSink) -> None:
-        def both(fact: Fact) -> None:
-            self.facts(fact)
-            sink(fact)
-
-        await self.inner.start(both)
-
-    async def submit_compile(self, job_id: str, job: CompileJob) -> None:
-        await self.inner.submit_compile(job_id, job)
-
-    async def submit_execution(self, execution_id: str, job: CompileJob, artifact_id: str) -> None:
-        await self.inner.submit_execution(execution_id, job, artifact_id)
-
-    async def cancel(self, submission: Submission) -> None:
-        await self.inner.cancel(submission)
-
-    async def status(self, submissions: Sequence[Submission]) -> list[Fact]:
-        return await self.inner.status(submissions)
-
-    async def server_info(self) -> dict[str, JsonValue]:
-        return await self.inner.server_info()
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 class Processes:
