@@ -189,6 +189,21 @@ def _crash_settings() -> settings:
     )
 
 
+def crash_and_resume(
+    folder: Path, engine: str, k: int, extra: Sequence[str], *, resubmit: bool = False
+) -> None:
+    """Run a host, kill it after ``k`` journal records, resume it, check both together."""
+    crash = Crash(folder)
+    crash.markers.mkdir()
+    finished = run_and_kill(crash.host("run", engine, *extra), crash, k)
+    if finished is not None:
+        assert finished == 0
+    if not crash.journal.exists() or b"\n" not in crash.journal.read_bytes():
+        return  # killed before the batch began: there is nothing to resume
+    resume(crash.host("resume", engine, *extra, *(["--resubmit-lost"] if resubmit else [])))
+    check_across_the_crash(crash, resubmitted=resubmit)
+
+
 @_crash_settings()
 @given(k=st.integers(min_value=0, max_value=PLATES * 8))
 @example(k=PLATES * 2)  # mid-compile, whatever Hypothesis draws
@@ -196,19 +211,10 @@ def _crash_settings() -> settings:
 def test_a_host_killed_anywhere_on_the_zmq_engine_is_resumed_exactly_once(
     k: int, runtime_dir: Path
 ) -> None:
+    rundir = runtime_dir / f"k{k}"
     with tempfile.TemporaryDirectory(prefix="pfc-") as folder:
-        crash = Crash(Path(folder))
-        crash.markers.mkdir()
-        rundir = runtime_dir / f"k{k}"
-        extra = ("--runtime-dir", str(rundir))
-        finished = run_and_kill(crash.host("run", "zmq", *extra), crash, k)
-        if finished is not None:
-            assert finished == 0
-        if not crash.journal.exists() or b"\n" not in crash.journal.read_bytes():
-            return  # killed before the batch began: there is nothing to resume
-        resume(crash.host("resume", "zmq", *extra))
-        check_across_the_crash(crash, resubmitted=False)
-        assert not (rundir / "server.json").exists(), "the resumed host stopped the server"
+        crash_and_resume(Path(folder), "zmq", k, ("--runtime-dir", str(rundir)))
+    assert not (rundir / "server.json").exists(), "the resumed host stopped the server"
 
 
 @_crash_settings()
@@ -218,16 +224,8 @@ def test_a_host_killed_anywhere_on_the_local_engine_resubmits_what_never_ran_onc
     k: int,
 ) -> None:
     with tempfile.TemporaryDirectory(prefix="pfc-") as folder:
-        crash = Crash(Path(folder))
-        crash.markers.mkdir()
-        ledger = ("--ledger", str(crash.folder / "ledger"))
-        finished = run_and_kill(crash.host("run", "local", *ledger), crash, k)
-        if finished is not None:
-            assert finished == 0
-        if not crash.journal.exists() or b"\n" not in crash.journal.read_bytes():
-            return  # killed before the batch began: there is nothing to resume
-        resume(crash.host("resume", "local", *ledger, "--resubmit-lost"))
-        check_across_the_crash(crash, resubmitted=True)
+        ledger = ("--ledger", str(Path(folder) / "ledger"))
+        crash_and_resume(Path(folder), "local", k, ledger, resubmit=True)
 
 
 @pytest.fixture(scope="module")
@@ -254,13 +252,4 @@ def scheduler() -> Iterator[str]:
 @example(k=PLATES * 5)  # mid-execution, whatever Hypothesis draws
 def test_a_host_killed_anywhere_on_dask_is_resumed_exactly_once(k: int, scheduler: str) -> None:
     with tempfile.TemporaryDirectory(prefix="pfc-") as folder:
-        crash = Crash(Path(folder))
-        crash.markers.mkdir()
-        extra = ("--scheduler", scheduler)
-        finished = run_and_kill(crash.host("run", "dask", *extra), crash, k)
-        if finished is not None:
-            assert finished == 0
-        if not crash.journal.exists() or b"\n" not in crash.journal.read_bytes():
-            return  # killed before the batch began: there is nothing to resume
-        resume(crash.host("resume", "dask", *extra))
-        check_across_the_crash(crash, resubmitted=False)
+        crash_and_resume(Path(folder), "dask", k, ("--scheduler", scheduler))
