@@ -31,16 +31,12 @@ from hypothesis import strategies as st
 from plateflow.core.facts import (
     CompileAccepted,
     CompileSucceeded,
-    ExecutionAccepted,
-    ExecutionProgress,
-    ExecutionStarted,
-    ExecutionSucceeded,
     Fact,
 )
 from plateflow.engines.zmq.wire import FactEvent, PingRequest, encode
 from plateflow.jobs import CompileJob
 from plateflow.testing.plugin import PROFILE_ENV
-from test_zmq_server import Client, Server, serving
+from test_zmq_server import Client, Server, executed_in_order, serving
 from wire_frames import (
     BOM,
     COUNTERS,
@@ -102,17 +98,7 @@ def _counters(client: Client) -> dict[str, Any]:
 def _run_a_plate(client: Client, plate: CompileJob) -> list[Fact]:
     """Compile and execute ``plate``; check every fact of both, in order. Its facts."""
     before = _counters(client)
-    artifact = client.compile(plate)
-    execution = client.execute(plate, artifact)
-    assert isinstance(client.terminal(execution), ExecutionSucceeded)
-    facts = client.facts(execution)
-    assert isinstance(facts[0], ExecutionAccepted)
-    assert isinstance(facts[1], ExecutionStarted)
-    assert all(isinstance(f, ExecutionProgress) for f in facts[2:-1])
-    assert len(facts) > 3
-    result = facts[-1].result  # type: ignore[union-attr]
-    assert isinstance(result, dict)
-    assert Path(str(result["report"])).is_file()
+    executed_in_order(client, plate, client.compile(plate))
     compiled = [
         e.fact
         for e in client.events

@@ -327,12 +327,8 @@ def test_runtime_dir_is_private_token_is_0600_and_the_record_is_complete(server:
     assert rundir.server_alive(directory)
 
 
-def test_compile_then_execute_publishes_the_facts_in_order_with_consecutive_seq(
-    client: Client, server: Server, plate: CompileJob
-) -> None:
-    artifact = client.compile(plate)
-    assert len(artifact) == 64
-    assert client.compile(plate) == artifact, "artifacts are named by content"
+def executed_in_order(client: Client, plate: CompileJob, artifact: str) -> list[Fact]:
+    """Execute compiled ``plate``; check its facts came in order and its report was written."""
     execution = client.execute(plate, artifact)
     assert isinstance(client.terminal(execution), ExecutionSucceeded)
     facts = client.facts(execution)
@@ -343,6 +339,16 @@ def test_compile_then_execute_publishes_the_facts_in_order_with_consecutive_seq(
     result = facts[-1].result  # type: ignore[union-attr]
     assert isinstance(result, dict)
     assert Path(str(result["report"])).is_file()
+    return facts
+
+
+def test_compile_then_execute_publishes_the_facts_in_order_with_consecutive_seq(
+    client: Client, server: Server, plate: CompileJob
+) -> None:
+    artifact = client.compile(plate)
+    assert len(artifact) == 64
+    assert client.compile(plate) == artifact, "artifacts are named by content"
+    executed_in_order(client, plate, artifact)
     seqs = [e.seq for e in client.events]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "no gap, no reordering"
     assert {e.server_id for e in client.events} == {server.record.server_id}
