@@ -24,9 +24,9 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from pydantic import JsonValue
@@ -63,13 +63,8 @@ from plateflow.jobs import CompileJob
 from plateflow.pipeline.spec import PipelineSpec, StepSpec
 from plateflow.service import BatchWorkflowService, Plate
 from processes import descendants, kill_quietly, pid_alive, server_pids
-from test_zmq_engine import Facts, Spy
+from test_zmq_engine import FAST, TESTS_DIR, TIMEOUT, Facts, Spy, run, until
 
-T = TypeVar("T")
-TIMEOUT = 30.0
-"""The bound of every single wait."""
-TESTS_DIR = Path(__file__).resolve().parent
-FAST = ("--heartbeat", "0.2")
 STEPS = ("--allow", "steps_for_tests")
 STOPPED_BOUND = 1.0
 """After SIGCONT, a lost plate's work has stopped within this (measured: one loop turn
@@ -79,27 +74,12 @@ plus the step's 50 ms tick)."""
 # --- helpers -------------------------------------------------------------------------------
 
 
-def run(coro: Awaitable[T]) -> T:
-    async def bounded() -> T:
-        return await asyncio.wait_for(coro, 3 * TIMEOUT)
-
-    return asyncio.run(bounded())
-
-
 def wait_until(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.02)
-
-
-async def until(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def ticks(directory: Path, plate_id: str) -> list[float]:
