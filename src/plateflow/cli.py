@@ -632,15 +632,11 @@ def _run_loaded(
         try:
             if resume:
                 summary = service.resume(journal, resubmit_lost=resubmit_lost)
-            elif mode is BatchMode.COMPILE_ONLY:
-                summary = service.compile_plates(
-                    loaded.plates,
-                    pipeline=loaded.pipeline,
-                    journal=journal,
-                    journal_context=context,
-                )
             else:
-                summary = service.run_plates(
+                start = (
+                    service.compile_plates if mode is BatchMode.COMPILE_ONLY else service.run_plates
+                )
+                summary = start(
                     loaded.plates,
                     pipeline=loaded.pipeline,
                     journal=journal,
