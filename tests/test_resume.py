@@ -21,9 +21,10 @@ import pytest
 from pydantic import JsonValue
 
 from helpers import spec
-from plateflow import BaseBatchHost, Plate
+from plateflow import BaseBatchHost, BatchHost, Plate
 from plateflow.core import (
     BatchState,
+    BatchSummary,
     CompileAccepted,
     CompileSucceeded,
     Disposition,
@@ -193,6 +194,37 @@ async def _until(predicate: object, what: str) -> None:
         await asyncio.sleep(0.001)
 
 
+async def _started(
+    world: World,
+    n: int,
+    *,
+    host: BatchHost | None = None,
+    engine: WorldEngine | None = None,
+    journal: Path | None = None,
+    **options: Any,
+) -> tuple[BatchWorkflowService, asyncio.Task[Any]]:
+    """A service running an ``n``-plate batch on ``world``, every execution submitted."""
+    service = BatchWorkflowService(
+        host or RecordingHost(), engine or WorldEngine(world), status_interval=30.0, **options
+    )
+    task = asyncio.get_running_loop().create_task(
+        service.run_plates(_plates(n), pipeline=PIPELINE, journal=journal)
+    )
+    await _until(lambda: len(world.running_ids("execute")) == n, "every execution submitted")
+    return service, task
+
+
+async def _finished(
+    world: World, service: BatchWorkflowService, task: asyncio.Task[Any]
+) -> BatchSummary:
+    """Let every running execution succeed; the batch's summary once the service closed."""
+    for sid in world.running_ids("execute"):
+        world.finish(sid)
+    summary: BatchSummary = await asyncio.wait_for(task, WAIT)
+    await service.close()
+    return summary
+
+
 async def _crash_mid_batch(
     tmp_path: Path, world: World, n: int, *, executions_before: int
 ) -> tuple[Path, BatchWorkflowService, asyncio.Task[object]]:
@@ -202,11 +234,7 @@ async def _crash_mid_batch(
     journal = tmp_path / "live.jsonl"
     host = RecordingHost()
     engine = WorldEngine(world)
-    service = BatchWorkflowService(host, engine, status_interval=30.0)
-    run = asyncio.get_running_loop().create_task(
-        service.run_plates(_plates(n), pipeline=PIPELINE, journal=journal)
-    )
-    await _until(lambda: len(world.running_ids("execute")) == n, "every execution submitted")
+    service, run = await _started(world, n, host=host, engine=engine, journal=journal)
     for sid in world.running_ids("execute")[:executions_before]:
         world.finish(sid)
     await _until(lambda: len(host.completed()) == executions_before, "the first plates reported")
@@ -311,15 +339,7 @@ async def test_resuming_a_settled_batch_tells_the_host_and_settles_at_once(
 ) -> None:
     world = World()
     journal = tmp_path / "done.jsonl"
-    service = BatchWorkflowService(RecordingHost(), WorldEngine(world), status_interval=30.0)
-    task = asyncio.get_running_loop().create_task(
-        service.run_plates(_plates(2), pipeline=PIPELINE, journal=journal)
-    )
-    await _until(lambda: len(world.running_ids("execute")) == 2, "executions")
-    for sid in world.running_ids("execute"):
-        world.finish(sid)
-    await asyncio.wait_for(task, WAIT)
-    await service.close()
+    await _finished(world, *await _started(world, 2, journal=journal))
 
     host = RecordingHost()
     again = BatchWorkflowService(host, WorldEngine(world))
@@ -411,15 +431,8 @@ async def test_the_journal_file_holds_each_record_before_the_host_hears_of_it(
             seen.append((plate_id, len(settled)))
 
     world = World()
-    service = BatchWorkflowService(Reading(), WorldEngine(world), status_interval=30.0)
-    task = asyncio.get_running_loop().create_task(
-        service.run_plates(_plates(3), pipeline=PIPELINE, journal=journal)
-    )
-    await _until(lambda: len(world.running_ids("execute")) == 3, "executions")
-    for sid in world.running_ids("execute"):
-        world.finish(sid)
-    await asyncio.wait_for(task, WAIT)
-    await service.close()
+    service, task = await _started(world, 3, host=Reading(), journal=journal)
+    await _finished(world, service, task)
     assert sorted(seen) == [("p0", 1), ("p1", 1), ("p2", 1)]
     assert len(Journal.load(journal)) == len(service.batch.journal)  # type: ignore[union-attr]
 
@@ -450,17 +463,10 @@ async def test_a_journal_that_cannot_be_written_stops_nothing_but_is_reported(
 
     host = RecordingHost()
     world = World()
-    service = BatchWorkflowService(host, WorldEngine(world), status_interval=30.0)
-    task = asyncio.get_running_loop().create_task(
-        service.run_plates(_plates(2), pipeline=PIPELINE, journal=tmp_path / "cut.jsonl")
-    )
-    await _until(lambda: len(world.running_ids("execute")) == 2, "executions")
+    service, task = await _started(world, 2, host=host, journal=tmp_path / "cut.jsonl")
     # The file's descriptor goes away under the batch (as on a yanked disk).
     os.close(service._journal_file._stream.fileno())  # type: ignore[union-attr]
-    for sid in world.running_ids("execute"):
-        world.finish(sid)
-    summary = await asyncio.wait_for(task, WAIT)
-    await service.close()
+    summary = await _finished(world, service, task)
     assert summary.outcome is BatchState.COMPLETED
     errors = [c for c in host.calls_to("emit_error") if c.args[1] == "journal_write_failed"]
     assert len(errors) == 1
@@ -475,11 +481,7 @@ async def test_a_cancel_pending_at_the_crash_is_sent_again_and_settles_the_plate
     world = World()
     journal = tmp_path / "live.jsonl"
     engine = WorldEngine(world)
-    service = BatchWorkflowService(RecordingHost(), engine, status_interval=30.0)
-    run = asyncio.get_running_loop().create_task(
-        service.run_plates(_plates(3), pipeline=PIPELINE, journal=journal)
-    )
-    await _until(lambda: len(world.running_ids("execute")) == 3, "every execution submitted")
+    service, run = await _started(world, 3, engine=engine, journal=journal)
     lost = world.running_ids("execute")[2]
     service.cancel("p1")
     service.cancel("p2")
@@ -515,11 +517,7 @@ async def test_a_journal_cut_before_the_batch_started_starts_it_on_resume(
 ) -> None:
     world = World()
     journal = tmp_path / "live.jsonl"
-    service = BatchWorkflowService(RecordingHost(), WorldEngine(world), status_interval=30.0)
-    run = asyncio.get_running_loop().create_task(
-        service.run_plates(_plates(2), pipeline=PIPELINE, journal=journal)
-    )
-    await _until(lambda: len(world.running_ids("execute")) == 2, "executions")
+    service, run = await _started(world, 2, journal=journal)
     header_only = tmp_path / "header.jsonl"
     header_only.write_bytes(journal.read_bytes().splitlines(keepends=True)[0])
     world.confirm_cancels = True
@@ -531,10 +529,7 @@ async def test_a_journal_cut_before_the_batch_started_starts_it_on_resume(
     again = BatchWorkflowService(host, WorldEngine(world), status_interval=30.0)
     task = asyncio.get_running_loop().create_task(again.resume(header_only))
     await _until(lambda: len(world.running_ids("execute")) == 2, "the batch started again")
-    for sid in world.running_ids("execute"):
-        world.finish(sid)
-    summary = await asyncio.wait_for(task, WAIT)
-    await again.close()
+    summary = await _finished(world, again, task)
     assert summary.outcome is BatchState.COMPLETED
     (resumed,) = host.names("on_resumed")
     assert resumed[0].settled == ()

@@ -38,7 +38,17 @@ from plateflow.jobs import CompileJob
 from plateflow.service import BatchWorkflowService
 from plateflow.statecharts import escape_id, to_dot
 from plateflow.testing import RecordingHost
-from test_resume import PIPELINE, WAIT, World, WorldEngine, _bounded, _plates, _until
+from test_resume import (
+    PIPELINE,
+    WAIT,
+    World,
+    WorldEngine,
+    _bounded,
+    _finished,
+    _plates,
+    _started,
+    _until,
+)
 
 # --- the core ------------------------------------------------------------------------------
 
@@ -115,48 +125,21 @@ def test_dot_draws_every_edge_to_the_state_its_row_names(table: Any) -> None:
 # --- the service ----------------------------------------------------------------------------
 
 
-async def _running(
-    n: int = 1, **options: Any
-) -> tuple[BatchWorkflowService, World, RecordingHost, asyncio.Task[Any]]:
+async def _running(n: int = 1) -> tuple[BatchWorkflowService, World, asyncio.Task[Any]]:
+    """A batch executing on a world, every fact so far handled: nothing else reaches the
+    journal while the test looks."""
     world = World()
     host = RecordingHost()
-    service = BatchWorkflowService(host, WorldEngine(world), status_interval=30.0, **options)
-    task = asyncio.get_running_loop().create_task(service.run_plates(_plates(n), pipeline=PIPELINE))
-    await _until(lambda: len(world.running_ids("execute")) == n, "every execution submitted")
-    await _until(  # and every fact so far handled: nothing else reaches the journal meanwhile
+    service, task = await _started(world, n, host=host)
+    await _until(
         lambda: (
-            all(
-                service.batch.plate_state(p) is PlateState.EXECUTING
-                for p in host.plate_execution_states
-            )  # type: ignore[union-attr]
-            and len(host.plate_execution_states) == n
+            [service.batch.plate_state(p) for p in host.plate_execution_states]  # type: ignore[union-attr]
+            == [PlateState.EXECUTING] * n
             and not service._inbox
         ),
         "every plate executing",
     )
-    return service, world, host, task
-
-
-async def _finish(service: BatchWorkflowService, world: World, task: asyncio.Task[Any]) -> None:
-    for sid in world.running_ids("execute"):
-        world.finish(sid)
-    await asyncio.wait_for(task, WAIT)
-    await service.close()
-
-
-@_bounded
-async def test_a_burst_of_more_facts_than_one_drain_takes_is_all_handled_without_another_post() -> (
-    None
-):
-    """Bug: the drain did not reschedule itself past 256 facts: of 300 posted at once, 44
-    waited in the inbox until something else was posted."""
-    service, world, _host, task = await _running()
-    assert service.batch is not None
-    before = len(service.batch.journal)
-    for _ in range(300):
-        service.post(HostCallbackFailed(callback="emit_error", error="noise"))
-    await _until(lambda: len(service.batch.journal) == before + 300, "all 300 facts handled")  # type: ignore[union-attr]
-    await _finish(service, world, task)
+    return service, world, task
 
 
 class _RacingInbox(collections.deque[Fact]):
@@ -184,7 +167,7 @@ class _RacingInbox(collections.deque[Fact]):
 async def test_a_fact_posted_while_the_drain_finishes_is_not_left_in_the_inbox() -> None:
     """Bug: a lost wake-up: the drain looked at the inbox before clearing its "scheduled"
     flag, so a fact posted in between scheduled no drain and waited for the next post."""
-    service, world, _host, task = await _running()
+    service, world, task = await _running()
     assert service.batch is not None
     inbox = _RacingInbox(service, HostCallbackFailed(callback="emit_error", error="late"))
     inbox.extend(service._inbox)
@@ -194,7 +177,7 @@ async def test_a_fact_posted_while_the_drain_finishes_is_not_left_in_the_inbox()
     service.post(HostCallbackFailed(callback="emit_error", error="first"))
     await _until(lambda: len(service.batch.journal) == before + 2, "both facts handled")  # type: ignore[union-attr]
     assert inbox.fact is None, "the racing post happened"
-    await _finish(service, world, task)
+    await _finished(world, service, task)
 
 
 @_bounded
