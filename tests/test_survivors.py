@@ -142,6 +142,21 @@ async def _running(n: int = 1) -> tuple[BatchWorkflowService, World, asyncio.Tas
     return service, world, task
 
 
+@_bounded
+async def test_a_burst_of_more_facts_than_one_drain_takes_is_all_handled_without_another_post() -> (
+    None
+):
+    """Bug: the drain did not reschedule itself past 256 facts: of 300 posted at once, 44
+    waited in the inbox until something else was posted."""
+    service, world, task = await _running()
+    assert service.batch is not None
+    before = len(service.batch.journal)
+    for _ in range(300):
+        service.post(HostCallbackFailed(callback="emit_error", error="noise"))
+    await _until(lambda: len(service.batch.journal) == before + 300, "all 300 facts handled")  # type: ignore[union-attr]
+    await _finished(world, service, task)
+
+
 class _RacingInbox(collections.deque[Fact]):
     """An inbox that lets "another thread" post a fact at the worst moment: right after
     the drain's last look at it found it empty (the second empty look of one drain)."""
