@@ -25,7 +25,6 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -33,7 +32,13 @@ from pydantic import JsonValue, ValidationError
 
 from plateflow.core.decoding import decode_object, one_line
 from plateflow.core.facts import Fact, fact_adapter
-from plateflow.core.tables import BatchMode, BatchState, CompileFailurePolicy, PlateState
+from plateflow.core.tables import (
+    BatchMode,
+    BatchState,
+    CompileFailurePolicy,
+    Disposition,
+    PlateState,
+)
 from plateflow.errors import DecodeError, JournalError, JournalWarning
 
 __all__ = [
@@ -55,15 +60,6 @@ Format 2 added the header's ``context``; format 1 journals are still read."""
 _READABLE_FORMATS = frozenset({1, 2})
 MAX_LINE_BYTES = 64 << 20
 """A journal line (one record) longer than this is refused rather than read."""
-
-
-class Disposition(StrEnum):
-    """What the batch did with a fact."""
-
-    APPLIED = "applied"
-    IGNORED_STALE = "ignored_stale"
-    IGNORED_DUPLICATE = "ignored_duplicate"
-    REJECTED = "rejected"
 
 
 class Change(NamedTuple):
