@@ -21,7 +21,15 @@ from typing import Any, TypeVar
 import pytest
 
 from plateflow import Journal, replay, testing
-from plateflow.core import Batch, BatchState, BatchSummary, PlateOutcome, PlateState, Reason
+from plateflow.core import (
+    Batch,
+    BatchState,
+    BatchSummary,
+    Disposition,
+    PlateOutcome,
+    PlateState,
+    Reason,
+)
 from plateflow.core.facts import ExecutionStarted, ExecutionSucceeded, Fact
 from plateflow.engines.local import LocalEngine
 from plateflow.errors import UsageError
@@ -451,6 +459,9 @@ def test_two_batches_in_a_row_and_late_facts_from_the_first_are_not_the_seconds_
     assert first.batch_id != second.batch_id
     assert host.names("emit_error") == []
     assert host.late_posted, "the late fact was really posted"
-    assert all(getattr(r.fact, "execution_id", None) != old[0] for r in batch.journal)
+    # The core judged it (the service no longer filters by id): journaled, stale, harmless.
+    (late,) = [r for r in batch.journal if getattr(r.fact, "execution_id", None) == old[0]]
+    assert late.disposition is Disposition.IGNORED_STALE
+    assert late.changes == ()
     assert len(host.names("on_all_plates_completed")) == 2
     assert len(host.names("on_plate_completed")) == 4

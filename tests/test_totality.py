@@ -1,26 +1,41 @@
-"""Totality: every plate state x every fact kind has exactly one, stated outcome.
+"""Totality: every state x every fact kind has exactly one, stated outcome.
 
-Layer 1 of the property tests (STYLE.md habit 8). ``EXPECTED`` below is the
-whole behaviour of a plate, written out as a literal table: for each fact
-kind, what becomes of it (applied / ignored / rejected) and which state the
-plate is in afterwards, for each state the plate can be in. The test walks
-every cell, and also checks that every move it saw is a row of PLATE_TABLE.
+Layer 1 of the property tests (STYLE.md habit 8). The expectations are the
+fact tables themselves (``PLATE_FACTS``, ``BATCH_FACTS`` in core/tables.py):
+for every setup that puts plate p0 (or the batch) in a column, and every fact
+kind with the current, a foreign or a not-yet-issued submission id, the test
+finds the cell the tables give *without asking the batch*, hands the fact in
+under both compile-failure policies (the batch facts under both modes too),
+and checks that the journal records the cell's disposition and that p0 ends
+where the cell's moves and settlement lead. It also checks the tables
+themselves: every key has a cell in every column, and every cell's moves
+are rows of PLATE_TABLE from its column. Which cells are reachable at all is
+the explorer's job (test_explorer.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import pytest
 
 from helpers import execution, feed, job, make_batch
 from plateflow.core import (
+    BATCH_CELLS,
+    BATCH_COLUMNS,
+    PLATE_CELLS,
+    PLATE_COLUMNS,
     PLATE_TABLE,
+    SETTLED,
     Batch,
+    BatchMode,
     BatchResumed,
     BatchStarted,
+    BatchState,
     CancelRequested,
     CancelTimedOut,
+    Cell,
     CompileAccepted,
     CompileCancelled,
     CompileFailed,
@@ -38,10 +53,14 @@ from plateflow.core import (
     ExecutionSucceeded,
     Fact,
     HostCallbackFailed,
+    IdMatch,
     PlateState,
+    ReportBatch,
     ReportError,
     ReportPlate,
+    Rule,
     SubmissionLost,
+    fact_key,
 )
 
 # Where plate p0 can be, and the facts (for p0 unless said) that take it there.
@@ -117,120 +136,127 @@ def _facts(b: Batch, ids: str) -> dict[str, Fact]:
     }
 
 
-A = Disposition.APPLIED
-S = Disposition.IGNORED_STALE
-D = Disposition.IGNORED_DUPLICATE
-R = Disposition.REJECTED
-_ = None  # the plate keeps the state it had
-
-# Columns: idle, queued, compiling, compiled, submitted, executing, completed, failed, cancelled
-# A cell is (disposition, p0's state afterwards or _ for unchanged).
-FAIL = (R, "failed")  # an impossible fact: engine protocol error, the plate fails
-STALE_T = (S, _)  # any plate fact once the plate settled
-# fmt: off
-EXPECTED_CURRENT: dict[str, tuple[tuple[Disposition, str | None], ...]] = {
-    "CompileAccepted":        (FAIL, (A, "compiling"), (D, _), (D, _), (D, _), (D, _), STALE_T, STALE_T, STALE_T),  # noqa: E501
-    "CompileSucceeded":       (FAIL, (A, "compiled"), (A, "compiled"), (D, _), (D, _), (D, _), STALE_T, STALE_T, STALE_T),  # noqa: E501
-    "CompileFailed":          (FAIL, (A, "failed"), (A, "failed"), FAIL, FAIL, FAIL, STALE_T, STALE_T, STALE_T),  # noqa: E501
-    "CompileRejected":        (FAIL, (A, "failed"), (A, "failed"), FAIL, FAIL, FAIL, STALE_T, STALE_T, STALE_T),  # noqa: E501
-    "CompileCancelled":       (FAIL, (A, "cancelled"), (A, "cancelled"), (S, _), (S, _), (S, _), STALE_T, STALE_T, STALE_T),  # noqa: E501
-    "ExecutionAccepted":      (FAIL, FAIL, FAIL, FAIL, (A, "executing"), (D, _), STALE_T, STALE_T, STALE_T),  # noqa: E501
-    "ExecutionStarted":       (FAIL, FAIL, FAIL, FAIL, (A, "executing"), (A, _), STALE_T, STALE_T, STALE_T),  # noqa: E501
-    "ExecutionProgress":      (FAIL, FAIL, FAIL, FAIL, (A, "executing"), (A, _), STALE_T, STALE_T, STALE_T),  # noqa: E501
-    "ExecutionSucceeded":     (FAIL, FAIL, FAIL, FAIL, (A, "completed"), (A, "completed"), STALE_T, STALE_T, STALE_T),  # noqa: E501
-    "ExecutionFailed":        (FAIL, FAIL, FAIL, FAIL, (A, "failed"), (A, "failed"), STALE_T, STALE_T, STALE_T),  # noqa: E501
-    "ExecutionRejected":      (FAIL, FAIL, FAIL, FAIL, (A, "failed"), FAIL, STALE_T, STALE_T, STALE_T),  # noqa: E501
-    "ExecutionCancelled":     (FAIL, FAIL, FAIL, FAIL, (A, "cancelled"), (A, "cancelled"), STALE_T, STALE_T, STALE_T),  # noqa: E501
-    "CancelRequested(plate)": ((A, "cancelled"), (A, _), (A, _), (A, "cancelled"), (A, _), (A, _), STALE_T, STALE_T, STALE_T),  # noqa: E501
-    "CancelRequested(batch)": ((A, "cancelled"), (A, _), (A, _), (A, "cancelled"), (A, _), (A, _), (A, _), (A, _), (A, _)),  # noqa: E501
-    "CancelTimedOut":         ((S, _), (S, _), (S, _), (S, _), (S, _), (S, _), STALE_T, STALE_T, STALE_T),  # noqa: E501
-    "EngineLost":             ((A, "failed"), (A, "failed"), (A, "failed"), (A, "failed"), (A, "failed"), (A, "failed"), (A, _), (A, _), (A, _)),  # noqa: E501
-    "BatchStarted":           ((A, "queued"), (D, _), (D, _), (D, _), (D, _), (D, _), (D, _), (D, _), (D, _)),  # noqa: E501
-    "HostCallbackFailed":     ((A, _),) * 9,
-    "BatchResumed":           ((A, _),) * 9,
-    "SubmissionLost(compile)":           ((S, _), (A, "failed"), (A, "failed"), (S, _), (S, _), (S, _), STALE_T, STALE_T, STALE_T),  # noqa: E501
-    "SubmissionLost(execute)":           ((S, _), (S, _), (S, _), (S, _), (A, "failed"), (A, "failed"), STALE_T, STALE_T, STALE_T),  # noqa: E501
-    "SubmissionLost(compile, resubmit)": ((S, _), (A, _), (A, _), (S, _), (S, _), (S, _), STALE_T, STALE_T, STALE_T),  # noqa: E501
-    "SubmissionLost(execute, resubmit)": ((S, _), (S, _), (S, _), (S, _), (A, _), (A, _), STALE_T, STALE_T, STALE_T),  # noqa: E501
+# Where each setup puts p0, as a column of PLATE_FACTS, and which of its own
+# submission ids the batch has issued by then ("submitted" has passed the barrier).
+COLUMN: dict[str, PlateState | str] = {
+    "idle": PlateState.IDLE,
+    "queued": PlateState.QUEUED,
+    "compiling": PlateState.COMPILING,
+    "compiled": PlateState.COMPILED,
+    "submitted": PlateState.COMPILED,
+    "executing": PlateState.EXECUTING,
+    "completed": SETTLED,
+    "failed": SETTLED,
+    "cancelled": SETTLED,
 }
-# fmt: on
-
-# With ids the plate was never given: a compile fact before any compile was
-# submitted, or an execution fact before the barrier, is impossible; an id
-# that is merely not the current one is stale.
-_COMPILE_KINDS = (
+ISSUED = {
+    "idle": (),
+    "queued": ("compile",),
+    "compiling": ("compile",),
+    "compiled": ("compile",),
+    "submitted": ("compile", "execute"),
+    "executing": ("compile", "execute"),
+    "completed": ("compile", "execute"),
+    "failed": ("compile", "execute"),
+    "cancelled": ("compile", "execute"),
+}
+_COMPILE_KINDS = {
     "CompileAccepted",
     "CompileSucceeded",
     "CompileFailed",
     "CompileRejected",
     "CompileCancelled",
-)
-_EXECUTION_KINDS = (
-    "ExecutionAccepted",
-    "ExecutionStarted",
-    "ExecutionProgress",
-    "ExecutionSucceeded",
-    "ExecutionFailed",
-    "ExecutionRejected",
-    "ExecutionCancelled",
-)
-# fmt: off
-EXPECTED_STALE_IDS: dict[str, tuple[tuple[Disposition, str | None], ...]] = {
-    **dict.fromkeys(_COMPILE_KINDS, (FAIL, (S, _), (S, _), (S, _), (S, _), (S, _), STALE_T, STALE_T, STALE_T)),  # noqa: E501
-    **dict.fromkeys(_EXECUTION_KINDS, (FAIL, FAIL, FAIL, FAIL, (S, _), (S, _), STALE_T, STALE_T, STALE_T)),  # noqa: E501
+    "SubmissionLost(compile)",
+    "SubmissionLost(compile, resubmit)",
 }
-# fmt: on
-
+# What a rule does to p0 in these setups, where no cancel is pending, nothing
+# started and no progress was recorded: p0's state afterwards. A rule missing
+# here leaves the state to the cell's moves and settlement.
+_RULE_ENDS: dict[tuple[Rule, str | None], PlateState] = {
+    (Rule.CANCEL, "idle"): PlateState.CANCELLED,  # nothing at the engine: settles at once
+    (Rule.CANCEL, "compiled"): PlateState.CANCELLED,  # waiting at the barrier: nothing to stop
+    (Rule.CANCELLED, None): PlateState.CANCELLED,
+}
 _ROWS = {(r.source, r.event.value): r for r in PLATE_TABLE}
 _CONVERGENCE = {(r.source, r.dest) for r in PLATE_TABLE if r.convergence}
 
 
-def _cases() -> list[tuple[str, str, int, tuple[Disposition, str | None]]]:
-    cases = []
-    for ids, table in (("current", EXPECTED_CURRENT), ("stale", EXPECTED_STALE_IDS)):
-        for kind, cells in table.items():
-            assert len(cells) == len(COLUMNS), kind
-            for column, cell in enumerate(cells):
-                cases.append((ids, kind, column, cell))
-    return cases
+def _is_batch_fact(fact: Fact) -> bool:
+    return (fact_key(fact), None, BatchState.IDLE) in BATCH_CELLS
 
 
-def test_the_expectation_covers_every_fact_kind() -> None:
+def _expected(kind: str, ids: str, state_name: str, fact: Fact) -> tuple[Cell, PlateState | None]:
+    """The cell the tables give for this fact in this setup, and p0's state afterwards."""
+    column = COLUMN[state_name]
+    match = None
+    if kind.startswith(("Compile", "Execution", "SubmissionLost")):
+        phase = "compile" if kind in _COMPILE_KINDS else "execute"
+        if ids == "stale":
+            match = IdMatch.OTHER
+        else:
+            match = IdMatch.CURRENT if phase in ISSUED[state_name] else IdMatch.UNISSUED
+    cell = PLATE_CELLS[(fact_key(fact), match, column)]
+    if column == SETTLED or cell.disposition is not Disposition.APPLIED:
+        return cell, (PlateState.FAILED if cell.disposition is Disposition.REJECTED else None)
+    state = PlateState(column)
+    for event in cell.moves:
+        state = _ROWS[(state, str(event))].dest or state
+    if cell.settle is not None:
+        state = PlateState(cell.settle[0].value)
+    if cell.rule is not None:
+        state = _RULE_ENDS.get((cell.rule, state_name), _RULE_ENDS.get((cell.rule, None), state))
+    if cell.rule is Rule.LOST:
+        resubmit = isinstance(fact, SubmissionLost) and fact.resubmit
+        state = PlateState(column) if resubmit else PlateState.FAILED
+    return cell, state
+
+
+def _cases() -> list[tuple[str, str, str]]:
     b = make_batch()
-    assert set(EXPECTED_CURRENT) == set(_facts(b, "current"))
-    compile_or_execution = {k for k in _facts(b, "stale") if k.startswith(("Compile", "Exec"))}
-    assert set(EXPECTED_STALE_IDS) == compile_or_execution
+    return [
+        (ids, kind, column)
+        for ids in ("current", "stale")
+        for kind, fact in _facts(b, ids).items()
+        for column in COLUMNS
+        if not _is_batch_fact(fact)
+        if ids == "current" or kind.startswith(("Compile", "Exec", "SubmissionLost"))
+    ]
 
 
+@pytest.mark.parametrize("policy", list(CompileFailurePolicy))
 @pytest.mark.parametrize(
-    ("ids", "kind", "column", "cell"),
-    _cases(),
-    ids=[f"{i}-{k}-in-{COLUMNS[c]}" for i, k, c, _cell in _cases()],
+    ("ids", "kind", "state_name"), _cases(), ids=[f"{i}-{k}-in-{c}" for i, k, c in _cases()]
 )
-def test_every_state_and_fact(
-    ids: str, kind: str, column: int, cell: tuple[Disposition, str | None]
+def test_every_plate_state_and_plate_fact(
+    ids: str, kind: str, state_name: str, policy: CompileFailurePolicy
 ) -> None:
-    batch = make_batch(2, policy=CompileFailurePolicy.CONTINUE)
-    state_name = COLUMNS[column]
+    batch = make_batch(2, policy=policy)
     feed(batch, SETUPS[state_name](batch))
     before = batch.snapshot()
     assert before.plate("p0").state == ("compiled" if state_name == "submitted" else state_name), (
         "setup did not reach the state"
     )
     records_before = len(batch.journal)
+    fact = _facts(batch, ids)[kind]
+    cell, expected_state = _expected(kind, ids, state_name, fact)
+    assert cell.disposition is not None, f"a setup reached a cell that cannot be: {cell}"
+    assert batch.lookup(fact) == cell, "the batch looks up the cell the tables give"
 
-    decisions = batch.handle(_facts(batch, ids)[kind])  # must not raise
+    decisions = batch.handle(fact)  # must not raise
 
-    disposition, expected_state = cell
     record = batch.journal[-1]
+    disposition = cell.disposition
+    if cell.rule is Rule.TIME_OUT:
+        disposition = Disposition.IGNORED_STALE  # no cancel is pending in any setup
     assert len(batch.journal) == records_before + 1, "every fact is journaled exactly once"
     assert record.disposition is disposition, record.detail
     after = batch.snapshot().plate("p0")
-    assert after.state == (expected_state or before.plate("p0").state)
+    if disposition is Disposition.APPLIED or cell.disposition is Disposition.REJECTED:
+        assert after.state == (expected_state or before.plate("p0").state)
     if disposition in (Disposition.IGNORED_STALE, Disposition.IGNORED_DUPLICATE):
         assert batch.snapshot() == before, "an ignored fact changes nothing"
         assert record.changes == ()
-    if cell is FAIL:
+    if disposition is Disposition.REJECTED:
         assert after.reason == "engine_protocol_error"
         assert any(isinstance(d, ReportError) for d in decisions)
     # Every move p0 made is a row of the table; settling uses a convergence row.
@@ -246,6 +272,95 @@ def test_every_state_and_fact(
     reports = [d for d in decisions if isinstance(d, ReportPlate) and d.plate_id == "p0"]
     newly_settled = before.plate("p0").outcome is None and after.outcome is not None
     assert len(reports) == (1 if newly_settled else 0), "C2: one report when the plate settles"
+
+
+def test_the_tables_cover_every_kind_id_relation_and_column() -> None:
+    """Every fact key has a cell in every column and, for submissions, every id relation."""
+    b = make_batch()
+    keys = {fact_key(f) for ids in ("current", "stale") for f in _facts(b, ids).values()}
+    assert keys == {k for k, _i, _c in PLATE_CELLS} | {k for k, _i, _c in BATCH_CELLS}
+    for key in keys:
+        if (key, None, BatchState.IDLE) in BATCH_CELLS:
+            assert all((key, None, c) in BATCH_CELLS for c in BATCH_COLUMNS), key
+            continue
+        relations = [None] if (key, None, PlateState.IDLE) in PLATE_CELLS else list(IdMatch)
+        for match in relations:
+            assert all((key, match, c) in PLATE_CELLS for c in PLATE_COLUMNS), (key, match)
+
+
+@pytest.mark.parametrize(("key", "ids", "column"), list(PLATE_CELLS))
+def test_every_plate_cell_is_a_legal_path_through_the_move_table(
+    key: str, ids: IdMatch | None, column: PlateState | str
+) -> None:
+    """A cell's moves are rows of PLATE_TABLE from its column; it settles by a convergence row."""
+    cell = PLATE_CELLS[(key, ids, column)]
+    if cell.disposition is not Disposition.APPLIED:
+        assert not cell.moves
+        assert cell.rule is None
+        assert (cell.settle is not None) == (cell.disposition is Disposition.REJECTED)
+        return
+    assert column != SETTLED, "nothing about a settled plate applies"
+    state = PlateState(column)
+    for event in cell.moves:
+        row = _ROWS.get((state, str(event)))
+        assert row is not None, f"{key}: no row {event} from {state}"
+        assert not row.convergence
+        state = row.dest or state
+    if cell.settle is not None:
+        outcome, _reason = cell.settle
+        assert (state, PlateState(outcome.value)) in _CONVERGENCE, f"{key}: settle from {state}"
+
+
+# Where the batch can be, and the facts that take it there (two plates).
+BATCH_SETUPS: dict[str, Callable[[Batch], list[Fact]]] = {
+    "idle": lambda b: [],
+    "compiling": lambda b: [BatchStarted()],
+    "executing": lambda b: SETUPS["submitted"](b),
+    "cancelling": lambda b: [BatchStarted(), CancelRequested()],
+    "settled": lambda b: [BatchStarted(), EngineLost()],
+}
+BATCH_FACT = {
+    "batch_started": BatchStarted,
+    "cancel_requested[batch]": CancelRequested,
+    "engine_lost": EngineLost,
+    "host_callback_failed": partial(HostCallbackFailed, callback="emit_status", error="e"),
+    "batch_resumed": partial(BatchResumed, note="n"),
+}
+
+
+@pytest.mark.parametrize("policy", list(CompileFailurePolicy))
+@pytest.mark.parametrize("mode", list(BatchMode))
+@pytest.mark.parametrize("column", list(BATCH_SETUPS))
+@pytest.mark.parametrize("kind", list(BATCH_FACT))
+def test_every_batch_state_and_batch_fact(
+    kind: str, column: str, mode: BatchMode, policy: CompileFailurePolicy
+) -> None:
+    if column == "executing" and mode is BatchMode.COMPILE_ONLY:
+        column = "compiling"  # a compile-only batch never passes the barrier
+    batch = make_batch(2, mode=mode, policy=policy)
+    feed(batch, BATCH_SETUPS[column](batch))
+    where = SETTLED if batch.state.is_terminal else batch.state
+    assert where == column, "the setup did not reach the column"
+    cell = BATCH_CELLS[(kind, None, where)]
+    fact = BATCH_FACT[kind]()
+    assert batch.lookup(fact) == cell
+    before = batch.snapshot()
+
+    decisions = batch.handle(fact)
+
+    record = batch.journal[-1]
+    assert record.disposition is cell.disposition, record.detail
+    if cell.disposition is not Disposition.APPLIED:
+        assert batch.snapshot() == before
+        assert record.changes == ()
+    batch_moves = [c.note for c in record.changes if c.plate_id is None]
+    assert batch_moves[: len(cell.moves)] == [str(e) for e in cell.moves]
+    if cell.rule is Rule.ENGINE_LOST:  # failed, unless the host had asked to cancel it all
+        cancelled = column == "cancelling"
+        assert batch.state is (BatchState.CANCELLED if cancelled else BatchState.FAILED)
+        assert [type(d) for d in decisions].count(ReportBatch) == 1
+    if cell.rule is Rule.CANCEL_ALL:
+        assert batch.snapshot().cancel_requested
 
 
 def test_unknown_plate_is_rejected_and_changes_nothing() -> None:

@@ -628,11 +628,11 @@ class BatchWorkflowService:
         batch = self._batch
         if batch is None:
             return
+        # Every fact is the batch's to judge, and journaled: a late fact about an earlier
+        # batch's submission is found stale by the core's fact table, not filtered here.
         submission_id = getattr(fact, "job_id", None) or getattr(fact, "execution_id", None)
-        if submission_id is not None and not submission_id.startswith(f"{batch.batch_id}."):
-            return  # a late fact about an earlier batch's submission: not this batch's business
         if submission_id is not None:
-            self._poller.heard(submission_id, type(fact))
+            self._poller.heard(submission_id, type(fact))  # a no-op for ids it does not track
         submissions: list[SubmitCompile | SubmitExecution] = []
         for decision in batch.handle(fact):
             if isinstance(decision, SubmitCompile | SubmitExecution):

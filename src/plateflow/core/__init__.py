@@ -5,6 +5,7 @@ clock. It imports nothing of plateflow but ``plateflow.errors``.
 """
 
 from plateflow.core.batch import Batch
+from plateflow.core.cells import BATCH_CELLS, PLATE_CELLS, fact_key
 from plateflow.core.decisions import (
     BatchChanged,
     BatchSummary,
@@ -48,22 +49,38 @@ from plateflow.core.journal import Change, Disposition, Journal, JournalHeader, 
 from plateflow.core.replay import replay
 from plateflow.core.snapshot import BatchSnapshot, PlateSnapshot
 from plateflow.core.tables import (
+    BATCH_COLUMNS,
+    BATCH_FACTS,
     BATCH_TABLE,
+    PLATE_COLUMNS,
+    PLATE_FACTS,
     PLATE_TABLE,
+    SETTLED,
     BatchEvent,
     BatchMode,
     BatchState,
+    Cell,
     CompileFailurePolicy,
+    FactRow,
+    IdMatch,
     PlateEvent,
     PlateOutcome,
     PlateState,
     Reason,
     Row,
+    Rule,
 )
 
 __all__ = [
+    "BATCH_CELLS",
+    "BATCH_COLUMNS",
+    "BATCH_FACTS",
     "BATCH_TABLE",
+    "PLATE_CELLS",
+    "PLATE_COLUMNS",
+    "PLATE_FACTS",
     "PLATE_TABLE",
+    "SETTLED",
     "Batch",
     "BatchChanged",
     "BatchEvent",
@@ -76,6 +93,7 @@ __all__ = [
     "CancelRequested",
     "CancelSubmission",
     "CancelTimedOut",
+    "Cell",
     "Change",
     "CompileAccepted",
     "CompileCancelled",
@@ -94,7 +112,9 @@ __all__ = [
     "ExecutionStarted",
     "ExecutionSucceeded",
     "Fact",
+    "FactRow",
     "HostCallbackFailed",
+    "IdMatch",
     "Journal",
     "JournalHeader",
     "PlateChanged",
@@ -111,11 +131,13 @@ __all__ = [
     "ReportPlate",
     "ResumedBatch",
     "Row",
+    "Rule",
     "SettledPlate",
     "SubmissionLost",
     "SubmitCompile",
     "SubmitExecution",
     "TornLine",
     "fact_adapter",
+    "fact_key",
     "replay",
 ]

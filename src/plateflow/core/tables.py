@@ -28,6 +28,7 @@ from enum import StrEnum
 from typing import Final, Generic, Literal, TypeVar
 
 __all__ = [
+    "ABORTING_REASONS",
     "BATCH_COLUMNS",
     "BATCH_FACTS",
     "BATCH_TABLE",
@@ -36,6 +37,8 @@ __all__ = [
     "PLATE_FACTS",
     "PLATE_TABLE",
     "SETTLED",
+    "SETTLE_BATCH",
+    "SETTLE_PLATE",
     "BatchEvent",
     "BatchMode",
     "BatchState",
@@ -227,6 +230,26 @@ BATCH_TABLE: tuple[Row[BatchState, BatchEvent], ...] = (
 """The batch machine. A compile-only batch never takes ``all_compiled``."""
 
 
+SETTLE_PLATE: Final[Mapping[PlateOutcome, PlateEvent]] = {
+    PlateOutcome.COMPLETED: PlateEvent.CONVERGE_COMPLETED,
+    PlateOutcome.FAILED: PlateEvent.CONVERGE_FAILED,
+    PlateOutcome.CANCELLED: PlateEvent.CONVERGE_CANCELLED,
+}
+"""The convergence event that settles a plate with each outcome (``compiled`` has none:
+a compile-only batch's plate settles where it is)."""
+SETTLE_BATCH: Final[Mapping[BatchState, BatchEvent]] = {
+    BatchState.COMPLETED: BatchEvent.CONVERGE_COMPLETED,
+    BatchState.FAILED: BatchEvent.CONVERGE_FAILED,
+    BatchState.CANCELLED: BatchEvent.CONVERGE_CANCELLED,
+}
+"""The convergence event that settles the batch in each terminal state."""
+ABORTING_REASONS: Final = frozenset(
+    {Reason.COMPILE_FAILED, Reason.COMPILE_REJECTED, Reason.ENGINE_PROTOCOL_ERROR}
+)
+"""A run batch under the ``abort`` policy aborts when a plate fails for one of these
+before the compile barrier."""
+
+
 # --- what facts do -------------------------------------------------------------------
 
 
@@ -245,9 +268,9 @@ class IdMatch(StrEnum):
     CURRENT = "current"
     """The plate's own submission of that phase in this batch."""
     OTHER = "other"
-    """Some other id: another batch's, or one the engine made up."""
+    """Not an id this batch issues the plate: another batch's, or one made up."""
     UNISSUED = "unissued"
-    """The batch has not issued a submission of that phase to the plate (yet)."""
+    """The id this batch would issue the plate for that phase, but has not issued yet."""
 
 
 class Rule(StrEnum):
@@ -281,7 +304,7 @@ class Rule(StrEnum):
     """A cancel already pending is a duplicate; otherwise ask the engine to stop the
     plate's in-flight submission, or settle ``cancelled`` when it has none."""
     TIME_OUT = "time_out"
-    """Settle ``cancelled`` (``cancel_unconfirmed``) if a cancel is pending, else stale."""
+    """Without a cancel pending, the time-out is stale (and the plate does not settle)."""
     LOST = "lost"
     """The engine lost the submission in a restart: with a cancel pending that
     confirms the cancel; with ``resubmit`` it is submitted again under the same id;
@@ -358,7 +381,7 @@ _RE = Reason
 # The legend: every cell the plate fact table uses, named.
 _NO = Cell(None, "cannot happen: no submission of this phase can have this id here")
 _SETTLED = Cell(_S, "stale: the plate already settled {outcome}")
-_NOT_CURRENT = Cell(_S, "stale: {id!r} is not the plate's current {phase}")
+_NOT_CURRENT = Cell(_S, "stale: {id!r} is not this batch's {phase} of the plate")
 _PAST_COMPILE = Cell(_S, "stale: the compile already succeeded")
 _NEVER = Cell(
     _R,
@@ -417,7 +440,9 @@ _EXECUTION_CANCELLED = Cell(_A, "execution cancelled", rule=Rule.CANCELLED)
 _LOST = Cell(_A, "lost in a restart", rule=Rule.LOST)
 _LOST_UNISSUED = Cell(_S, "stale: no {phase} was submitted for the plate")
 _CANCEL = Cell(_A, "plate cancel requested", rule=Rule.CANCEL)
-_TIME_OUT = Cell(_A, "cancel unconfirmed", rule=Rule.TIME_OUT)
+_TIME_OUT = Cell(
+    _A, "cancel unconfirmed", settle=(_O.CANCELLED, _RE.CANCEL_UNCONFIRMED), rule=Rule.TIME_OUT
+)
 
 _COMPILE_FACTS = (
     "compile_accepted",
@@ -439,31 +464,31 @@ _CUR, _OTH, _UNI = IdMatch.CURRENT, IdMatch.OTHER, IdMatch.UNISSUED
 
 # fmt: off
 PLATE_FACTS: tuple[FactRow, ...] = (
-    #                                                idle      queued               compiling            compiled                 executing                settled  # noqa: E501
-    FactRow(("compile_accepted",), _CUR,            (_NO,      _COMPILE_ACCEPTED,   _DUP_COMPILE_ACCEPTED, _DUP_COMPILE_ACCEPTED, _DUP_COMPILE_ACCEPTED, _SETTLED)),  # noqa: E501
-    FactRow(("compile_succeeded",), _CUR,           (_NO,      _COMPILED_EARLY,     _COMPILED,           _DUP_COMPILED,           _DUP_COMPILED,           _SETTLED)),  # noqa: E501
-    FactRow(("compile_failed",), _CUR,              (_NO,      _COMPILE_FAILED,     _COMPILE_FAILED,     _COMPILE_FAILED_LATE,    _COMPILE_FAILED_LATE,    _SETTLED)),  # noqa: E501
-    FactRow(("compile_rejected",), _CUR,            (_NO,      _COMPILE_REJECTED,   _COMPILE_REJECTED,   _COMPILE_FAILED_LATE,    _COMPILE_FAILED_LATE,    _SETTLED)),  # noqa: E501
-    FactRow(("compile_cancelled",), _CUR,           (_NO,      _COMPILE_CANCELLED,  _COMPILE_CANCELLED,  _PAST_COMPILE,           _PAST_COMPILE,           _SETTLED)),  # noqa: E501
-    FactRow(_COMPILE_FACTS, _OTH,                   (_NO,      _NOT_CURRENT,        _NOT_CURRENT,        _NOT_CURRENT,            _NOT_CURRENT,            _SETTLED)),  # noqa: E501
-    FactRow(_COMPILE_FACTS, _UNI,                   (_NEVER,   _NO,                 _NO,                 _NO,                     _NO,                     _SETTLED)),  # noqa: E501
-    FactRow(("execution_accepted",), _CUR,          (_NO,      _NO,                 _NO,                 _EXECUTION_ACCEPTED,     _DUP_EXECUTION_ACCEPTED, _SETTLED)),  # noqa: E501
-    FactRow(("execution_started",), _CUR,           (_NO,      _NO,                 _NO,                 _STARTED_EARLY,          _STARTED,                _SETTLED)),  # noqa: E501
-    FactRow(("execution_progress",), _CUR,          (_NO,      _NO,                 _NO,                 _PROGRESS_EARLY,         _PROGRESS,               _SETTLED)),  # noqa: E501
-    FactRow(("execution_succeeded",), _CUR,         (_NO,      _NO,                 _NO,                 _SUCCEEDED_EARLY,        _SUCCEEDED,              _SETTLED)),  # noqa: E501
-    FactRow(("execution_failed",), _CUR,            (_NO,      _NO,                 _NO,                 _EXECUTION_FAILED,       _EXECUTION_FAILED,       _SETTLED)),  # noqa: E501
-    FactRow(("execution_rejected",), _CUR,          (_NO,      _NO,                 _NO,                 _EXECUTION_REJECTED,     _REJECTED_LATE,          _SETTLED)),  # noqa: E501
-    FactRow(("execution_cancelled",), _CUR,         (_NO,      _NO,                 _NO,                 _EXECUTION_CANCELLED,    _EXECUTION_CANCELLED,    _SETTLED)),  # noqa: E501
-    FactRow(_EXECUTION_FACTS, _OTH,                 (_NO,      _NO,                 _NO,                 _NOT_CURRENT,            _NOT_CURRENT,            _SETTLED)),  # noqa: E501
-    FactRow(_EXECUTION_FACTS, _UNI,                 (_NEVER,   _NEVER,              _NEVER,              _NEVER,                  _NO,                     _SETTLED)),  # noqa: E501
-    FactRow(("submission_lost[compile]",), _CUR,    (_NO,      _LOST,               _LOST,               _PAST_COMPILE,           _PAST_COMPILE,           _SETTLED)),  # noqa: E501
-    FactRow(("submission_lost[compile]",), _OTH,    (_NO,      _NOT_CURRENT,        _NOT_CURRENT,        _NOT_CURRENT,            _NOT_CURRENT,            _SETTLED)),  # noqa: E501
-    FactRow(("submission_lost[compile]",), _UNI,    (_LOST_UNISSUED, _NO,           _NO,                 _NO,                     _NO,                     _SETTLED)),  # noqa: E501
-    FactRow(("submission_lost[execute]",), _CUR,    (_NO,      _NO,                 _NO,                 _LOST,                   _LOST,                   _SETTLED)),  # noqa: E501
-    FactRow(("submission_lost[execute]",), _OTH,    (_NO,      _NO,                 _NO,                 _NOT_CURRENT,            _NOT_CURRENT,            _SETTLED)),  # noqa: E501
-    FactRow(("submission_lost[execute]",), _UNI,    (_LOST_UNISSUED, _LOST_UNISSUED, _LOST_UNISSUED,     _LOST_UNISSUED,          _NO,                     _SETTLED)),  # noqa: E501
-    FactRow(("cancel_requested[plate]",), None,     (_CANCEL,  _CANCEL,             _CANCEL,             _CANCEL,                 _CANCEL,                 _SETTLED)),  # noqa: E501
-    FactRow(("cancel_timed_out",), None,            (_TIME_OUT, _TIME_OUT,          _TIME_OUT,           _TIME_OUT,               _TIME_OUT,               _SETTLED)),  # noqa: E501
+    #                                              idle            queued              compiling              compiled               executing                settled  # noqa: E501
+    FactRow(("compile_accepted",), _CUR,         (_NO,            _COMPILE_ACCEPTED,  _DUP_COMPILE_ACCEPTED, _DUP_COMPILE_ACCEPTED, _DUP_COMPILE_ACCEPTED,   _SETTLED)),  # noqa: E501
+    FactRow(("compile_succeeded",), _CUR,        (_NO,            _COMPILED_EARLY,    _COMPILED,             _DUP_COMPILED,         _DUP_COMPILED,           _SETTLED)),  # noqa: E501
+    FactRow(("compile_failed",), _CUR,           (_NO,            _COMPILE_FAILED,    _COMPILE_FAILED,       _COMPILE_FAILED_LATE,  _COMPILE_FAILED_LATE,    _SETTLED)),  # noqa: E501
+    FactRow(("compile_rejected",), _CUR,         (_NO,            _COMPILE_REJECTED,  _COMPILE_REJECTED,     _COMPILE_FAILED_LATE,  _COMPILE_FAILED_LATE,    _SETTLED)),  # noqa: E501
+    FactRow(("compile_cancelled",), _CUR,        (_NO,            _COMPILE_CANCELLED, _COMPILE_CANCELLED,    _PAST_COMPILE,         _PAST_COMPILE,           _SETTLED)),  # noqa: E501
+    FactRow(_COMPILE_FACTS, _OTH,                (_NOT_CURRENT,   _NOT_CURRENT,       _NOT_CURRENT,          _NOT_CURRENT,          _NOT_CURRENT,            _SETTLED)),  # noqa: E501
+    FactRow(_COMPILE_FACTS, _UNI,                (_NEVER,         _NO,                _NO,                   _NO,                   _NO,                     _SETTLED)),  # noqa: E501
+    FactRow(("execution_accepted",), _CUR,       (_NO,            _NO,                _NO,                   _EXECUTION_ACCEPTED,   _DUP_EXECUTION_ACCEPTED, _SETTLED)),  # noqa: E501
+    FactRow(("execution_started",), _CUR,        (_NO,            _NO,                _NO,                   _STARTED_EARLY,        _STARTED,                _SETTLED)),  # noqa: E501
+    FactRow(("execution_progress",), _CUR,       (_NO,            _NO,                _NO,                   _PROGRESS_EARLY,       _PROGRESS,               _SETTLED)),  # noqa: E501
+    FactRow(("execution_succeeded",), _CUR,      (_NO,            _NO,                _NO,                   _SUCCEEDED_EARLY,      _SUCCEEDED,              _SETTLED)),  # noqa: E501
+    FactRow(("execution_failed",), _CUR,         (_NO,            _NO,                _NO,                   _EXECUTION_FAILED,     _EXECUTION_FAILED,       _SETTLED)),  # noqa: E501
+    FactRow(("execution_rejected",), _CUR,       (_NO,            _NO,                _NO,                   _EXECUTION_REJECTED,   _REJECTED_LATE,          _SETTLED)),  # noqa: E501
+    FactRow(("execution_cancelled",), _CUR,      (_NO,            _NO,                _NO,                   _EXECUTION_CANCELLED,  _EXECUTION_CANCELLED,    _SETTLED)),  # noqa: E501
+    FactRow(_EXECUTION_FACTS, _OTH,              (_NOT_CURRENT,   _NOT_CURRENT,       _NOT_CURRENT,          _NOT_CURRENT,          _NOT_CURRENT,            _SETTLED)),  # noqa: E501
+    FactRow(_EXECUTION_FACTS, _UNI,              (_NEVER,         _NEVER,             _NEVER,                _NEVER,                _NO,                     _SETTLED)),  # noqa: E501
+    FactRow(("submission_lost[compile]",), _CUR, (_NO,            _LOST,              _LOST,                 _PAST_COMPILE,         _PAST_COMPILE,           _SETTLED)),  # noqa: E501
+    FactRow(("submission_lost[compile]",), _OTH, (_NOT_CURRENT,   _NOT_CURRENT,       _NOT_CURRENT,          _NOT_CURRENT,          _NOT_CURRENT,            _SETTLED)),  # noqa: E501
+    FactRow(("submission_lost[compile]",), _UNI, (_LOST_UNISSUED, _NO,                _NO,                   _NO,                   _NO,                     _SETTLED)),  # noqa: E501
+    FactRow(("submission_lost[execute]",), _CUR, (_NO,            _NO,                _NO,                   _LOST,                 _LOST,                   _SETTLED)),  # noqa: E501
+    FactRow(("submission_lost[execute]",), _OTH, (_NOT_CURRENT,   _NOT_CURRENT,       _NOT_CURRENT,          _NOT_CURRENT,          _NOT_CURRENT,            _SETTLED)),  # noqa: E501
+    FactRow(("submission_lost[execute]",), _UNI, (_LOST_UNISSUED, _LOST_UNISSUED,     _LOST_UNISSUED,        _LOST_UNISSUED,        _NO,                     _SETTLED)),  # noqa: E501
+    FactRow(("cancel_requested[plate]",), None,  (_CANCEL,        _CANCEL,            _CANCEL,               _CANCEL,               _CANCEL,                 _SETTLED)),  # noqa: E501
+    FactRow(("cancel_timed_out",), None,         (_TIME_OUT,      _TIME_OUT,          _TIME_OUT,             _TIME_OUT,             _TIME_OUT,               _SETTLED)),  # noqa: E501
 )
 """What a fact about one plate does, by the plate's column (``PLATE_COLUMNS``).
 
@@ -482,12 +507,12 @@ _RESUMED = Cell(_A, "resumed: {note}")
 
 # fmt: off
 BATCH_FACTS: tuple[FactRow, ...] = (
-    #                                            idle          compiling        executing        cancelling        settled  # noqa: E501
-    FactRow(("batch_started",), None,           (_START,       _DUP_START,      _DUP_START,      _DUP_START,       _BATCH_SETTLED)),  # noqa: E501
-    FactRow(("cancel_requested[batch]",), None, (_CANCEL_ALL,  _CANCEL_ALL,     _CANCEL_ALL,     _DUP_CANCEL_ALL,  _BATCH_SETTLED)),  # noqa: E501
-    FactRow(("engine_lost",), None,             (_ENGINE_LOST, _ENGINE_LOST,    _ENGINE_LOST,    _ENGINE_LOST,     _BATCH_SETTLED)),  # noqa: E501
-    FactRow(("host_callback_failed",), None,    (_CALLBACK,    _CALLBACK,       _CALLBACK,       _CALLBACK,        _CALLBACK)),  # noqa: E501
-    FactRow(("batch_resumed",), None,           (_RESUMED,     _RESUMED,        _RESUMED,        _RESUMED,         _RESUMED)),  # noqa: E501
+    #                                             idle          compiling     executing     cancelling       settled  # noqa: E501
+    FactRow(("batch_started",), None,           (_START,       _DUP_START,   _DUP_START,   _DUP_START,      _BATCH_SETTLED)),  # noqa: E501
+    FactRow(("cancel_requested[batch]",), None, (_CANCEL_ALL,  _CANCEL_ALL,  _CANCEL_ALL,  _DUP_CANCEL_ALL, _BATCH_SETTLED)),  # noqa: E501
+    FactRow(("engine_lost",), None,             (_ENGINE_LOST, _ENGINE_LOST, _ENGINE_LOST, _ENGINE_LOST,    _BATCH_SETTLED)),  # noqa: E501
+    FactRow(("host_callback_failed",), None,    (_CALLBACK,    _CALLBACK,    _CALLBACK,    _CALLBACK,       _CALLBACK)),  # noqa: E501
+    FactRow(("batch_resumed",), None,           (_RESUMED,     _RESUMED,     _RESUMED,     _RESUMED,        _RESUMED)),  # noqa: E501
 )
 """What a fact about the whole batch does, by the batch's column (``BATCH_COLUMNS``)."""
 # fmt: on
