@@ -183,3 +183,17 @@ def test_the_site_builds_strictly_without_warnings(tmp_path: Path) -> None:
         assert built.is_file(), f"{page.name} was not built"
     charts = (site / "statecharts" / "index.html").read_text(encoding="utf-8")
     assert charts.count('<pre class="mermaid">') == 3
+
+
+def test_the_fact_tables_in_concepts_are_generated_from_the_code() -> None:
+    """docs/concepts.md's classification is the fact tables' own rendering; it cannot drift."""
+    from plateflow.fact_tables import BEGIN, END, fact_tables_markdown
+
+    page = (DOCS / "concepts.md").read_text(encoding="utf-8")
+    assert page.count(BEGIN) == 1
+    assert page.count(END) == 1
+    block = page[page.index(BEGIN) + len(BEGIN) : page.index(END)]
+    assert block == "\n\n" + fact_tables_markdown() + "\n", (
+        "docs/concepts.md's fact tables differ from plateflow.core.tables: run "
+        "`python -m plateflow.fact_tables docs/concepts.md`"
+    )

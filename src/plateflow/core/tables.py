@@ -36,6 +36,7 @@ __all__ = [
     "PLATE_COLUMNS",
     "PLATE_FACTS",
     "PLATE_TABLE",
+    "RULES",
     "SETTLED",
     "SETTLE_BATCH",
     "SETTLE_PLATE",
@@ -274,41 +275,59 @@ class IdMatch(StrEnum):
 
 
 class Rule(StrEnum):
-    """The data-dependent rules a cell hands over to, after its moves.
-
-    Everything a rule decides depends on the fact's or the plate's data, not
-    on a state; the state part was decided by the table already.
-    """
+    """The data-dependent rules a cell hands over to (described in ``RULES``)."""
 
     START = "start"
-    """Select every unsettled plate and submit its compile, or abort at once when
-    a plate already failed in a way that aborts the batch."""
     CANCEL_ALL = "cancel_all"
-    """Cancel every unsettled plate that has no cancel pending (see ``CANCEL``)."""
     ENGINE_LOST = "engine_lost"
-    """Settle every unsettled plate ``failed`` (``engine_lost``)."""
     REPORT_CALLBACK = "report_callback"
-    """Report the failed host callback, unless it was ``emit_error`` itself."""
     COMPILED = "compiled"
-    """Keep the artifact and pass the compile barrier; a compile-only batch settles
-    the plate ``compiled``; a plate with a cancel pending settles ``cancelled``."""
     STARTED = "started"
-    """Record when the execution started; a second start is a duplicate."""
     PROGRESS = "progress"
-    """Record the progress: more done than total is a protocol error, the same
-    figures again a duplicate, fewer done than recorded stale."""
     CANCELLED = "cancelled"
-    """Settle ``cancelled``: reason ``cancel_requested`` when the host asked for it,
-    ``engine_cancelled`` when the engine stopped the work on its own."""
     CANCEL = "cancel"
-    """A cancel already pending is a duplicate; otherwise ask the engine to stop the
-    plate's in-flight submission, or settle ``cancelled`` when it has none."""
     TIME_OUT = "time_out"
-    """Without a cancel pending, the time-out is stale (and the plate does not settle)."""
     LOST = "lost"
-    """The engine lost the submission in a restart: with a cancel pending that
-    confirms the cancel; with ``resubmit`` it is submitted again under the same id;
-    otherwise the plate settles ``failed`` (``lost_in_restart``)."""
+
+
+RULES: Final[Mapping[Rule, str]] = {
+    Rule.START: (
+        "Select every unsettled plate and submit its compile, or abort at once when a plate "
+        "already failed in a way that aborts the batch."
+    ),
+    Rule.CANCEL_ALL: (
+        "Cancel every unsettled plate that has no cancel pending, as *cancel* does for one."
+    ),
+    Rule.ENGINE_LOST: "Settle every unsettled plate ``failed`` (``engine_lost``).",
+    Rule.REPORT_CALLBACK: "Report the failed host callback, unless it was ``emit_error`` itself.",
+    Rule.COMPILED: (
+        "Keep the artifact and pass the compile barrier; a compile-only batch settles the "
+        "plate ``compiled``; a plate with a cancel pending settles ``cancelled``."
+    ),
+    Rule.STARTED: "Record when the execution started; a second start is a duplicate.",
+    Rule.PROGRESS: (
+        "Record the progress: more done than total is a protocol error, the same figures "
+        "again a duplicate, fewer done than recorded stale."
+    ),
+    Rule.CANCELLED: (
+        "Settle ``cancelled``: reason ``cancel_requested`` when the host asked for it, "
+        "``engine_cancelled`` when the engine stopped the work on its own."
+    ),
+    Rule.CANCEL: (
+        "A cancel already pending is a duplicate; otherwise ask the engine to stop the "
+        "plate's in-flight submission, or settle ``cancelled`` when it has none."
+    ),
+    Rule.TIME_OUT: (
+        "Without a cancel pending, the time-out is stale (and the plate does not settle)."
+    ),
+    Rule.LOST: (
+        "The engine lost the submission in a restart: with a cancel pending that confirms the "
+        "cancel; with ``resubmit`` it is submitted again under the same id; otherwise the "
+        "plate settles ``failed`` (``lost_in_restart``)."
+    ),
+}
+"""What each rule decides. Everything a rule decides depends on the fact's or the plate's
+data, not on a state: the state part was decided by the table already."""
 
 
 @dataclass(frozen=True, slots=True)
