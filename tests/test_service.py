@@ -31,6 +31,7 @@ from plateflow.core import (
     Reason,
 )
 from plateflow.core.facts import ExecutionStarted, ExecutionSucceeded, Fact
+from plateflow.core.ids import IdFactory
 from plateflow.engines.local import LocalEngine
 from plateflow.errors import UsageError
 from plateflow.examples.platereader import GeneratedPlate, demo_pipeline, generate_plates
@@ -465,3 +466,38 @@ def test_two_batches_in_a_row_and_late_facts_from_the_first_are_not_the_seconds_
     assert late.changes == ()
     assert len(host.names("on_all_plates_completed")) == 2
     assert len(host.names("on_plate_completed")) == 4
+
+
+def test_ids_come_from_the_injected_factory(tmp_path: Path, plates: list[GeneratedPlate]) -> None:
+    """Batch ids and the stimulus ids of the service's own facts are the factory's."""
+    host = RecordingHost()
+    chosen = selection(plates[:2])
+
+    async def body(service: BatchWorkflowService) -> Batch:
+        await service.run_plates(chosen, pipeline=demo_pipeline())
+        batch = service.batch
+        assert batch is not None
+        heard = asyncio.Event()
+        batch.journal.listen(lambda r: heard.set() if r.fact.kind == "cancel_requested" else None)
+        service.cancel()  # after the batch settled: journaled as stale, with a factory id
+        await asyncio.wait_for(heard.wait(), TIMEOUT)
+        return batch
+
+    batch = run(with_service(host, tmp_path, body, ids=IdFactory("t")))
+    assert batch.batch_id == "t.1"
+    made_here = [
+        r.fact for r in batch.journal if r.fact.kind in ("batch_started", "cancel_requested")
+    ]
+    assert [f.stimulus_id for f in made_here] == ["t.2", "t.3"]
+    engine_made = {r.fact.stimulus_id for r in batch.journal} - {"t.2", "t.3"}
+    assert engine_made, "the engine's facts are journaled too"
+    assert not any(s.startswith("t.") for s in engine_made), "an engine has its own ids"
+    assert len(engine_made) == len(batch.journal) - 2, "every stimulus id is unique"
+
+
+def test_two_id_factories_never_hand_out_the_same_id() -> None:
+    first, second = IdFactory(), IdFactory()
+    ids = {first() for _ in range(100)} | {second() for _ in range(100)}
+    assert len(ids) == 200
+    with pytest.raises(ValueError, match="non-empty"):
+        IdFactory("")

@@ -32,7 +32,6 @@ import collections
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -76,6 +75,7 @@ from plateflow.core import (
     SubmitExecution,
     replay,
 )
+from plateflow.core.ids import IdFactory
 from plateflow.engines.base import Engine, EngineError, Submission
 from plateflow.errors import JournalError, UsageError
 from plateflow.host import HOST_CALLBACKS, BatchHost
@@ -234,6 +234,7 @@ class BatchWorkflowService:
         status_interval: float = 1.0,
         progress_interval: float = 0.1,
         clock: Callable[[], float] = time.time,
+        ids: Callable[[], str] | None = None,
         journal_fsync: bool = False,
     ) -> None:
         self._host = _check_host(host)
@@ -245,6 +246,7 @@ class BatchWorkflowService:
         self._cancel_grace = cancel_grace
         self._progress_interval = progress_interval
         self._clock = clock
+        self._ids = IdFactory() if ids is None else ids
         self._journal_fsync = bool(journal_fsync)
         self._journal_file: JournalFile | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -396,14 +398,16 @@ class BatchWorkflowService:
         self._to_host("on_resumed", resumed)
         self._handle(
             BatchResumed(
+                stimulus_id=self._ids(),
                 note=f"{len(settled)} of {len(batch.plate_ids)} plates had settled; "
-                f"{'resubmitting' if resubmit_lost else 'failing'} lost submissions"
+                f"{'resubmitting' if resubmit_lost else 'failing'} lost submissions",
             )
         )
         if batch.settled:
             self._finish(batch.summary())
         elif batch.state is BatchState.IDLE:
-            self._handle(BatchStarted())  # the crash came before the start was journaled
+            # The crash came before the start was journaled.
+            self._handle(BatchStarted(stimulus_id=self._ids()))
         else:
             self._spawn(self._reattach(batch, resubmit_lost))
         return await self._until_settled()
@@ -413,7 +417,7 @@ class BatchWorkflowService:
         batch = self._batch
         if plate_id is not None and batch is not None and plate_id not in batch.plate_ids:
             raise UsageError(f"cannot cancel {plate_id!r}: it is not in the current batch")
-        self.post(CancelRequested(plate_id=plate_id))
+        self.post(CancelRequested(stimulus_id=self._ids(), plate_id=plate_id))
 
     def post(self, fact: Fact) -> None:
         """Hand a fact to the batch from any thread (the engines' sink).
@@ -456,11 +460,15 @@ class BatchWorkflowService:
         self._closed = True
         batch, settled = self._batch, self._settled
         if batch is not None and settled is not None and not batch.settled:
-            self._handle(CancelRequested())
+            self._handle(CancelRequested(stimulus_id=self._ids()))
             try:
                 await asyncio.wait_for(settled.wait(), self._cancel_grace + 1.0)
             except TimeoutError:
-                self._handle(EngineLost(reason="service closed before the engine confirmed"))
+                self._handle(
+                    EngineLost(
+                        stimulus_id=self._ids(), reason="service closed before the engine confirmed"
+                    )
+                )
         await self._poller.stop()
         for timer in self._timers.values():
             timer.cancel()
@@ -507,7 +515,7 @@ class BatchWorkflowService:
                 "app": dict(journal_context or {}),
             }
         batch = Batch(
-            uuid.uuid4().hex[:12],
+            self._ids(),
             selected,
             mode=mode,
             policy=self.policy,
@@ -533,7 +541,7 @@ class BatchWorkflowService:
         self._to_host(
             "emit_progress_started", len(selected), store=partial(self._reset_stores, selected)
         )
-        self._handle(BatchStarted())
+        self._handle(BatchStarted(stimulus_id=self._ids()))
         return await self._until_settled()
 
     def _begin(
@@ -580,7 +588,12 @@ class BatchWorkflowService:
         try:
             recovered = await self._engine.recover(wanted)
         except EngineError as exc:
-            self.post(EngineLost(reason=f"{self._engine.name}: cannot recover the work: {exc}"))
+            self.post(
+                EngineLost(
+                    stimulus_id=self._ids(),
+                    reason=f"{self._engine.name}: cannot recover the work: {exc}",
+                )
+            )
             return
         unknown = {s.submission_id for s in recovered.unknown}
         snapshot = batch.snapshot()
@@ -600,6 +613,7 @@ class BatchWorkflowService:
         for sub in recovered.unknown:
             self.post(
                 SubmissionLost(
+                    stimulus_id=self._ids(),
                     plate_id=sub.plate_id,
                     phase=sub.phase,
                     submission_id=sub.submission_id,
@@ -734,6 +748,7 @@ class BatchWorkflowService:
             if problem is not None and isinstance(d, SubmitCompile):
                 self.post(
                     CompileRejected(
+                        stimulus_id=self._ids(),
                         plate_id=d.plate_id,
                         job_id=d.job_id,
                         error=f"plateflow refused this plate id: {problem}",
@@ -776,17 +791,21 @@ class BatchWorkflowService:
 
     def _refusal(self, d: SubmitCompile | SubmitExecution, error: BaseException) -> Fact:
         if isinstance(error, EngineError):
-            return EngineLost(reason=f"{self._engine.name}: {error}")
+            return EngineLost(stimulus_id=self._ids(), reason=f"{self._engine.name}: {error}")
         message = f"{type(error).__name__}: {error}"
         if isinstance(d, SubmitCompile):
-            return CompileRejected(plate_id=d.plate_id, job_id=d.job_id, error=message)
-        return ExecutionRejected(plate_id=d.plate_id, execution_id=d.execution_id, error=message)
+            return CompileRejected(
+                stimulus_id=self._ids(), plate_id=d.plate_id, job_id=d.job_id, error=message
+            )
+        return ExecutionRejected(
+            stimulus_id=self._ids(), plate_id=d.plate_id, execution_id=d.execution_id, error=message
+        )
 
     async def _cancel(self, submission: Submission) -> None:
         try:
             await self._engine.cancel(submission)
         except EngineError as exc:
-            self.post(EngineLost(reason=f"{self._engine.name}: {exc}"))
+            self.post(EngineLost(stimulus_id=self._ids(), reason=f"{self._engine.name}: {exc}"))
         except Exception as exc:  # the timer settles the plate if nothing confirms
             self._to_host(
                 "emit_error",
@@ -807,7 +826,9 @@ class BatchWorkflowService:
         if loop is None or plate_id in self._timers:
             return
         self._timers[plate_id] = loop.call_later(
-            self._cancel_grace, self._handle, CancelTimedOut(plate_id=plate_id)
+            self._cancel_grace,
+            self._handle,
+            CancelTimedOut(stimulus_id=self._ids(), plate_id=plate_id),
         )
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -839,7 +860,10 @@ class BatchWorkflowService:
             except Exception as exc:  # C5: report, never stop
                 self.post(
                     HostCallbackFailed(
-                        callback=callback, plate_id=plate_id, error=f"{type(exc).__name__}: {exc}"
+                        stimulus_id=self._ids(),
+                        callback=callback,
+                        plate_id=plate_id,
+                        error=f"{type(exc).__name__}: {exc}",
                     )
                 )
 

@@ -45,6 +45,7 @@ from plateflow.core.facts import (
     SubmissionLost,
     fact_adapter,
 )
+from plateflow.core.ids import IdFactory
 from plateflow.core.journal import Change, Disposition, Journal, JournalHeader, Record, TornLine
 from plateflow.core.replay import replay
 from plateflow.core.snapshot import BatchSnapshot, PlateSnapshot
@@ -114,6 +115,7 @@ __all__ = [
     "Fact",
     "FactRow",
     "HostCallbackFailed",
+    "IdFactory",
     "IdMatch",
     "Journal",
     "JournalHeader",

@@ -16,12 +16,12 @@ engine's acknowledgement can still be matched to its plate.
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import uuid
 from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, JsonValue, TypeAdapter
 from pydantic.dataclasses import dataclass
+
+from plateflow.core.ids import random_id
 
 __all__ = [
     "BatchResumed",
@@ -47,16 +47,6 @@ __all__ = [
     "fact_adapter",
 ]
 
-_stimulus_counter = itertools.count(1)
-# A per-process prefix: facts made by a server process and by its client never
-# share a stimulus id, so a journal entry traces back to exactly one fact.
-_stimulus_prefix = uuid.uuid4().hex[:6]
-
-
-def _next_stimulus_id() -> str:
-    return f"s{_stimulus_prefix}.{next(_stimulus_counter)}"
-
-
 # Facts are pydantic dataclasses: validated on construction like models, but
 # slotted, so the journal that keeps every fact costs a fraction of the memory.
 _CONFIG = ConfigDict(extra="forbid")
@@ -64,7 +54,8 @@ _CONFIG = ConfigDict(extra="forbid")
 
 @dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class _FactBase:
-    stimulus_id: str = Field(default_factory=_next_stimulus_id, min_length=1)
+    stimulus_id: str = Field(default_factory=random_id, min_length=1)
+    """Who made the fact passes one from its ``IdFactory``; otherwise it is random."""
     observed_at: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = dataclasses.field(
         default=None, compare=False, repr=False
     )
